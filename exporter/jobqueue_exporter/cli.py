@@ -1,0 +1,200 @@
+"""Command line: ``run``, ``check``, ``once`` and ``demo``. User errors print a message, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+
+from . import __version__
+from .config import Config, ConfigError, load_config, parse_listen
+from .http import make_app
+from .logs import setup_logging
+from .metrics import JobQueueCollector
+from .poll import TargetPoller
+
+log = logging.getLogger("jobqueue_exporter")
+
+
+def build_pollers(config: Config) -> list[TargetPoller]:
+    return [TargetPoller(config, target) for target in config.targets]
+
+
+def build_registry(pollers: Sequence[TargetPoller]) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(JobQueueCollector([p.state for p in pollers]))
+    return registry
+
+
+class Exporter:
+    """Pollers + HTTP server; ``start`` returns once listening, ``stop`` tears everything down."""
+
+    def __init__(self, config: Config, listen: str | None = None):
+        self.config = config
+        self.host, self.port = parse_listen(listen or config.listen)
+        self.pollers = build_pollers(config)
+        self.registry = build_registry(self.pollers)
+        self.stop_event = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = make_app(self.registry, self.pollers)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        server = getattr(site, "_server", None)
+        if server is not None and server.sockets:
+            self.port = server.sockets[0].getsockname()[1]
+        for poller in self.pollers:
+            self._tasks.append(
+                asyncio.create_task(poller.run(self.stop_event), name=poller.target.name)
+            )
+        log.info(
+            "listening on http://%s:%d/metrics, polling %d target(s)",
+            self.host,
+            self.port,
+            len(self.pollers),
+        )
+
+    async def stop(self) -> None:
+        self.stop_event.set()
+        # a poll in flight is cancelled: its connection is closed, nothing waits on the database
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(p.close() for p in self.pollers), return_exceptions=True)
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+async def _serve(config: Config, listen: str | None) -> None:
+    exporter = Exporter(config, listen)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await exporter.start()
+    except OSError as exc:
+        raise ConfigError(
+            [f"listen: cannot listen on {exporter.host}:{exporter.port}: {exc.strerror}"]
+        )
+    await stop.wait()
+    log.info("shutting down")
+    await asyncio.wait_for(exporter.stop(), timeout=5.0)
+
+
+async def poll_all_once(config: Config) -> tuple[bytes, list[str]]:
+    """Poll every target once, concurrently; return the exposition and per-target failures."""
+    pollers = build_pollers(config)
+    failures: list[str] = []
+
+    async def one(poller: TargetPoller) -> None:
+        try:
+            await poller.poll_once()
+        except Exception:  # noqa: BLE001 - reported per target below
+            failures.append(f"{poller.target.name}: {poller.state.last_error}")
+        finally:
+            await poller.close()
+
+    await asyncio.gather(*(one(p) for p in pollers))
+    return generate_latest(build_registry(pollers)), failures
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    for target in config.targets:
+        source = target.preset_name if target.table is None else f"table {target.table.name}"
+        print(f"target {target.name}: {source}, poll every {config.interval_for(target):g}s")
+    print(f"{args.config}: OK ({len(config.targets)} target(s))")
+    return 0
+
+
+def _cmd_once(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    setup_logging(config.log_format, "error")
+    text, failures = asyncio.run(poll_all_once(config))
+    sys.stdout.write(text.decode())
+    for failure in failures:
+        print(f"error: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    setup_logging(config.log_format, config.log_level)
+    if args.listen:
+        parse_listen(args.listen)
+    asyncio.run(_serve(config, args.listen))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        from .demo import run_demo
+    except ImportError as exc:
+        print(
+            f"error: the demo needs the 'demo' extra ({exc.name} is missing): "
+            "pip install 'jobqueue-exporter[demo]'",
+            file=sys.stderr,
+        )
+        return 2
+    setup_logging("text", "warning")
+    return asyncio.run(run_demo(args.listen, duration=args.duration))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="jobqueue-exporter",
+        description="Prometheus exporter for PostgreSQL-backed job queues.",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="poll the configured targets and serve /metrics")
+    run.add_argument("--config", required=True, help="YAML config file")
+    run.add_argument("--listen", help="HOST:PORT to listen on (overrides 'listen' in the config)")
+    run.set_defaults(func=_cmd_run)
+    check = sub.add_parser("check", help="validate a config file without connecting to anything")
+    check.add_argument("--config", required=True)
+    check.set_defaults(func=_cmd_check)
+    once = sub.add_parser("once", help="poll every target once and print the metrics to stdout")
+    once.add_argument("--config", required=True)
+    once.set_defaults(func=_cmd_once)
+    demo = sub.add_parser(
+        "demo", help="live demo on an embedded PostgreSQL with a simulated workload"
+    )
+    demo.add_argument(
+        "--listen", default="127.0.0.1:17410", help="HOST:PORT (default 127.0.0.1:17410)"
+    )
+    demo.add_argument("--duration", type=float, default=None, help="stop after N seconds")
+    demo.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # e.g. a bad --listen
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())

@@ -1,0 +1,380 @@
+"""Polling one target: connection, schema check, one consistent read per interval -> snapshot.
+
+Safety rules for the database, all enforced here:
+
+* one connection per target, opened lazily and closed after any error (never two at once);
+* ``statement_timeout``, ``lock_timeout`` and ``idle_in_transaction_session_timeout`` are set on the server
+  side at connect, plus ``application_name`` and ``default_transaction_read_only``;
+* every poll is one ``REPEATABLE READ READ ONLY`` transaction, so all statements see one snapshot;
+* polls of one target never overlap; failures back off exponentially with jitter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from . import __version__
+from .config import Config, Target
+from .presets import PRESETS, Preset, generic
+from .snapshot import LabelPolicy, SuccessWindow, TargetSnapshot, build_snapshot
+from .watermark import FinishedRow, FinishedTail, SnapshotInfo
+
+log = logging.getLogger(__name__)
+
+TAIL_ROW_LIMIT = 100_000
+BACKFILL_ROW_LIMIT = 200_000
+CONNECT_TIMEOUT = 10.0
+
+
+class SchemaProblem(Exception):
+    """The database lacks a table/column the target's preset or mapping needs."""
+
+
+@dataclass
+class TargetState:
+    """Everything the metrics and HTTP layers read about one target."""
+
+    name: str
+    preset: str
+    labels: dict[str, str]
+    up: bool | None = None  # None until the first poll finished
+    snapshot: TargetSnapshot | None = None
+    last_success: float | None = None
+    last_error: str | None = None
+    last_poll_duration: float | None = None
+    errors: Counter[str] = field(default_factory=Counter)
+    finished: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    finished_counting: bool = False
+    window: SuccessWindow | None = None
+
+
+def resolve_preset(target: Target, types: dict[str, generic.ColumnType] | None = None) -> Preset:
+    if target.table is not None:
+        return generic.build(target.table, types)
+    return PRESETS[target.preset_name]
+
+
+def _classify(exc: BaseException) -> str:
+    if isinstance(exc, SchemaProblem):
+        return "schema"
+    if isinstance(exc, (asyncpg.QueryCanceledError, asyncio.TimeoutError, TimeoutError)):
+        return "timeout"
+    if isinstance(exc, (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)):
+        return "connection"
+    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
+        return "connection"
+    return "query"
+
+
+class TargetPoller:
+    def __init__(self, config: Config, target: Target):
+        self.target = target
+        self.interval = config.interval_for(target)
+        self.preset = resolve_preset(target)
+        self.stale_after = (
+            target.stale_after
+            if target.stale_after is not None
+            else self.preset.default_stale_after
+        )
+        self.policy = LabelPolicy(target.queues, target.max_kinds_per_queue)
+        self.state = TargetState(
+            name=target.name,
+            preset=target.preset_name,
+            labels=dict(target.labels),
+            window=SuccessWindow(target.success_window),
+        )
+        self.tail: FinishedTail | None = None
+        self._conn: asyncpg.Connection | None = None
+        self._prepared = False
+        self._lock = asyncio.Lock()
+        self._failures = 0
+
+    # -- connection -------------------------------------------------------------------------------
+
+    def _server_settings(self) -> dict[str, str]:
+        timeout_ms = int(self.target.statement_timeout * 1000)
+        settings = {
+            "application_name": f"jobqueue-exporter/{self.target.name}"[:63],
+            "statement_timeout": str(timeout_ms),
+            "lock_timeout": str(int(self.target.lock_timeout * 1000)),
+            "idle_in_transaction_session_timeout": str(timeout_ms * 2 + 1000),
+            "default_transaction_read_only": "on",
+        }
+        schema = self.target.schema_ or self.preset.schema
+        if schema:
+            settings["search_path"] = schema
+        return settings
+
+    async def _connect(self) -> asyncpg.Connection:
+        if self._conn is not None and not self._conn.is_closed():
+            return self._conn
+        self._conn = None
+        conn = await asyncpg.connect(
+            self.target.resolve_dsn(),
+            timeout=min(CONNECT_TIMEOUT, max(self.interval, 1.0) * 2),
+            server_settings=self._server_settings(),
+            # backstop if the network, not the server, hangs: the server cancels first
+            command_timeout=self.target.statement_timeout + 5.0,
+        )
+        self._conn = conn
+        if not self._prepared:
+            try:
+                await self._prepare(conn)
+            except BaseException:
+                await self.close()
+                raise
+            self._prepared = True
+        return conn
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None or conn.is_closed():
+            return
+        try:
+            await asyncio.wait_for(conn.close(), timeout=2.0)
+        except BaseException:
+            conn.terminate()
+
+    async def _prepare(self, conn: asyncpg.Connection) -> None:
+        """Check tables/columns exist, build generic SQL with real column types, decide counting."""
+        preset = self.preset
+        schema = self.target.schema_ or preset.schema
+        # to_regclass resolves unqualified names through search_path, as the statements will
+        rows = await conn.fetch(
+            """
+            SELECT t.name AS table_name, a.attname AS column_name,
+                   format_type(a.atttypid, NULL) AS data_type,
+                   n.nspname AS udt_schema, ty.typname AS udt_name
+            FROM unnest($1::text[]) AS t(name)
+            JOIN pg_class c ON c.oid = to_regclass(
+                CASE WHEN $2::text IS NULL THEN quote_ident(t.name)
+                     ELSE quote_ident($2::text) || '.' || quote_ident(t.name) END)
+            JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+            JOIN pg_type ty ON ty.oid = a.atttypid
+            JOIN pg_namespace n ON n.oid = ty.typnamespace
+            """,
+            list(preset.required_columns),
+            schema,
+        )
+        found: dict[str, dict[str, generic.ColumnType]] = {}
+        for row in rows:
+            found.setdefault(row["table_name"], {})[row["column_name"]] = generic.ColumnType(
+                row["data_type"], row["udt_schema"], row["udt_name"]
+            )
+        problems = []
+        where = f"schema {schema}" if schema else "the search_path"
+        for table, columns in preset.required_columns.items():
+            if table not in found:
+                problems.append(f"table {table!r} not found in {where}")
+                continue
+            missing = [c for c in columns if c not in found[table]]
+            for column in missing:
+                problems.append(
+                    f"table {table!r} has no column {column!r} (columns: {', '.join(sorted(found[table]))})"
+                )
+        if problems:
+            raise SchemaProblem(f"target {self.target.name}: " + "; ".join(problems))
+        if self.target.table is not None:
+            self.preset = generic.build(self.target.table, found[self.target.table.name])
+        self.state.finished_counting = await self._decide_finished_counting(conn, schema)
+
+    async def _decide_finished_counting(self, conn: asyncpg.Connection, schema: str | None) -> bool:
+        preset, mode = self.preset, self.target.finished_counting
+        if mode == "off" or not preset.finished_tail.sql:
+            return False
+        if preset.finished_index is None or mode == "on":
+            return True
+        table, column = preset.finished_index
+        indexed = await conn.fetchval(
+            """
+            SELECT EXISTS (
+                SELECT 1 FROM pg_index i
+                JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+                WHERE i.indrelid = to_regclass(
+                          CASE WHEN $1::text IS NULL THEN quote_ident($2) ELSE quote_ident($1) || '.' || quote_ident($2) END)
+                  AND a.attname = $3)
+            """,
+            schema,
+            table,
+            column,
+        )
+        if not indexed:
+            log.warning(
+                "target %s: no index leads with %s.%s, so counting finished jobs would scan the table; "
+                "finished-job counters and success ratio are off. Create one, e.g. "
+                "CREATE INDEX CONCURRENTLY ON %s (%s), or set finished_counting: on to accept the scan",
+                self.target.name,
+                table,
+                column,
+                table,
+                column,
+            )
+        return bool(indexed)
+
+    # -- one poll ---------------------------------------------------------------------------------
+
+    async def poll_once(self) -> TargetSnapshot:
+        """Read the target once and publish the snapshot; on failure publish 'down' and re-raise."""
+        async with self._lock:
+            started = time.monotonic()
+            try:
+                conn = await self._connect()
+                snapshot = await self._read(conn)
+            except BaseException as exc:
+                self.state.last_poll_duration = time.monotonic() - started
+                if isinstance(exc, asyncio.CancelledError):
+                    await self.close()
+                    raise
+                reason = _classify(exc)
+                self.state.errors[reason] += 1
+                self.state.up = False
+                self.state.snapshot = None  # never serve the last values as current
+                self.state.last_error = f"{reason}: {exc}".strip()
+                await self.close()
+                raise
+            self.state.last_poll_duration = time.monotonic() - started
+            self.state.up = True
+            self.state.snapshot = snapshot
+            self.state.last_success = snapshot.taken_at
+            self.state.last_error = None
+            return snapshot
+
+    async def _read(self, conn: asyncpg.Connection) -> TargetSnapshot:
+        preset = self.preset
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            xmin, xmax, db_now = await conn.fetchrow(
+                "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint,"
+                " pg_snapshot_xmax(pg_current_snapshot())::text::bigint, now()"
+            )
+            snap = SnapshotInfo(xmin=xmin, xmax=xmax, now=db_now)
+            live = await conn.fetch(preset.live.sql, self.stale_after, *preset.live.params)
+            terminal = None
+            if self.target.count_terminal_states and preset.terminal is not None:
+                terminal = await conn.fetch(preset.terminal.sql, *preset.terminal.params)
+            finished: list[FinishedRow] = []
+            if self.state.finished_counting:
+                finished = await self._read_finished(conn, snap)
+        now = time.time()
+        counts: Counter[tuple[str, str, str]] = Counter()
+        for row in finished:
+            key = self.policy.label(row.queue, row.kind)
+            if key is not None:
+                counts[(*key, row.outcome)] += 1
+        self.state.finished.update(counts)
+        assert self.state.window is not None
+        self.state.window.add(now, counts)
+        snapshot = build_snapshot(
+            self.policy,
+            [tuple(r) for r in live],  # type: ignore[misc]
+            [tuple(r) for r in terminal] if terminal is not None else None,  # type: ignore[misc]
+            taken_at=now,
+        )
+        for queue, kind in snapshot.series:
+            for outcome in preset.outcomes:
+                # present at 0 so the first failure is an increase, not a new series
+                self.state.finished.setdefault((queue, kind, outcome), 0)
+        return snapshot
+
+    async def _read_finished(
+        self, conn: asyncpg.Connection, snap: SnapshotInfo
+    ) -> list[FinishedRow]:
+        preset = self.preset
+        high = None
+        if preset.finished_high is not None:
+            high = await conn.fetchval(preset.finished_high.sql, *preset.finished_high.params)
+        if self.tail is None or not self.tail.started:
+            await self._backfill(conn, snap, high)
+            return []
+        assert self.tail.floor is not None
+        rows = await conn.fetch(
+            preset.finished_tail.sql, self.tail.floor, TAIL_ROW_LIMIT, *preset.finished_tail.params
+        )
+        finished = [
+            FinishedRow(r["key"], r["row_id"], r["queue"], r["kind"], r["outcome"]) for r in rows
+        ]
+        return self.tail.take(finished, snap, high, limit_hit=len(rows) >= TAIL_ROW_LIMIT)
+
+    async def _backfill(self, conn: asyncpg.Connection, snap: SnapshotInfo, high: Any) -> None:
+        """Fill the success window with one bounded query, and start the tail above it."""
+        preset = self.preset
+        window = self.target.success_window
+        rows = await conn.fetch(
+            preset.finished_backfill.sql,
+            window,
+            BACKFILL_ROW_LIMIT,
+            *preset.finished_backfill.params,
+        )
+        baseline = [
+            FinishedRow(r["key"], r["row_id"], r["queue"], r["kind"], r["outcome"]) for r in rows
+        ]
+        self.tail = FinishedTail(preset.finished_key)
+        if preset.finished_key == "id":
+            floor = min((r.key for r in baseline), default=high + 1) - 1
+        else:
+            from datetime import timedelta
+
+            floor = snap.now - timedelta(seconds=window)
+        self.tail.start(floor, baseline, snap, high)
+        buckets: dict[int, Counter[tuple[str, str, str]]] = {}
+        for r in rows:
+            key = self.policy.label(r["queue"], r["kind"])
+            if key is not None:
+                buckets.setdefault(int(r["finished_at"]), Counter())[(*key, r["outcome"])] += 1
+        assert self.state.window is not None
+        for second in sorted(buckets):
+            self.state.window.add(float(second), buckets[second])
+
+    # -- loop -------------------------------------------------------------------------------------
+
+    def next_delay(self) -> float:
+        """Regular interval after success; exponential backoff with jitter after failures."""
+        if self._failures == 0:
+            return self.interval
+        cap = max(4 * self.interval, 1.0)
+        base = min(self.interval * 2 ** (self._failures - 1), cap)
+        return base * random.uniform(0.5, 1.0)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                await self.poll_once()
+                if self._failures:
+                    log.info(
+                        "target %s: polling again after %d failure(s)",
+                        self.target.name,
+                        self._failures,
+                    )
+                self._failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - an outage must never stop the loop
+                self._failures += 1
+                log.warning(
+                    "target %s: poll failed (%s)",
+                    self.target.name,
+                    self.state.last_error or exc,
+                    extra={"target": self.target.name, "failures": self._failures},
+                )
+            delay = self.next_delay()
+            if self._failures == 0:
+                delay = max(0.0, delay - (time.monotonic() - started))
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            except asyncio.TimeoutError:
+                pass
+        await self.close()
+
+
+def build_info() -> dict[str, str]:
+    import platform
+
+    return {"version": __version__, "python_version": platform.python_version()}

@@ -1,0 +1,112 @@
+"""Procrastinate 3.x (``procrastinate_jobs`` + ``procrastinate_events`` + ``procrastinate_workers``).
+
+Cost: live states read only ``todo``/``doing`` rows through the partial indexes
+``procrastinate_jobs_priority_idx_v1`` / ``procrastinate_jobs_id_lock_idx_v1``; finished jobs are counted by
+tailing ``procrastinate_events`` by primary key, so no statement touches finished history.
+"""
+
+from __future__ import annotations
+
+from . import Preset, Statement
+
+_OUTCOME = """CASE e.type WHEN 'succeeded' THEN 'succeeded' WHEN 'failed' THEN 'failed'
+                     WHEN 'deferred_for_retry' THEN 'retried' ELSE 'cancelled' END"""
+_FINISH_EVENTS = "('succeeded', 'failed', 'cancelled', 'aborted', 'deferred_for_retry')"
+
+LIVE = """
+WITH todo AS (
+    SELECT queue_name AS queue, task_name AS kind, id, scheduled_at,
+           CASE WHEN scheduled_at IS NULL OR scheduled_at <= now() THEN 'pending'
+                WHEN attempts = 0 THEN 'scheduled'
+                ELSE 'retrying' END AS state
+    FROM procrastinate_jobs
+    WHERE status = 'todo'
+), todo_groups AS (
+    SELECT queue, kind, state, count(*) AS jobs,
+           min(scheduled_at) FILTER (WHERE state = 'pending') AS oldest_due_scheduled_at,
+           -- ids are handed out at enqueue, so the lowest unscheduled id is the longest waiting
+           min(id) FILTER (WHERE state = 'pending' AND scheduled_at IS NULL) AS oldest_unscheduled_id
+    FROM todo
+    GROUP BY queue, kind, state
+), running AS (
+    SELECT j.queue_name AS queue, j.task_name AS kind,
+           (w.id IS NULL OR w.last_heartbeat < now() - make_interval(secs => $1)) AS stale,
+           (SELECT max(e.at) FROM procrastinate_events e
+             WHERE e.job_id = j.id AND e.type = 'started') AS started_at
+    FROM procrastinate_jobs j
+    LEFT JOIN procrastinate_workers w ON w.id = j.worker_id
+    WHERE j.status = 'doing'
+)
+SELECT queue, kind, state, jobs,
+       CASE WHEN state = 'pending' THEN
+           extract(epoch FROM now() - least(
+               oldest_due_scheduled_at,
+               (SELECT min(e.at) FROM procrastinate_events e
+                 WHERE e.job_id = oldest_unscheduled_id AND e.type = 'deferred')))::float8
+       END AS oldest_age_seconds,
+       0::bigint AS stale_jobs
+FROM todo_groups
+UNION ALL
+SELECT queue, kind, 'running', count(*),
+       extract(epoch FROM now() - min(started_at))::float8,
+       count(*) FILTER (WHERE stale)
+FROM running
+GROUP BY queue, kind
+"""
+
+TERMINAL = """
+SELECT queue_name AS queue, task_name AS kind,
+       CASE status WHEN 'failed' THEN 'failed' ELSE 'cancelled' END AS state, count(*) AS jobs
+FROM procrastinate_jobs
+WHERE status IN ('failed', 'cancelled', 'aborted')
+GROUP BY 1, 2, 3
+"""
+
+FINISHED_TAIL = f"""
+SELECT e.id AS key, e.id::text AS row_id, j.queue_name AS queue, j.task_name AS kind,
+       {_OUTCOME} AS outcome
+FROM procrastinate_events e
+JOIN procrastinate_jobs j ON j.id = e.job_id
+WHERE e.id > $1 AND e.type IN {_FINISH_EVENTS}
+ORDER BY e.id
+LIMIT $2
+"""
+
+# Walks the event log backwards by primary key: bounded by $2 events whatever the history size.
+FINISHED_BACKFILL = f"""
+SELECT e.id AS key, e.id::text AS row_id, extract(epoch FROM e.at)::float8 AS finished_at,
+       j.queue_name AS queue, j.task_name AS kind, {_OUTCOME} AS outcome
+FROM (SELECT id, job_id, type, at FROM procrastinate_events ORDER BY id DESC LIMIT $2) e
+JOIN procrastinate_jobs j ON j.id = e.job_id
+WHERE e.type IN {_FINISH_EVENTS} AND e.at >= now() - make_interval(secs => $1)
+"""
+
+FINISHED_HIGH = "SELECT coalesce(max(id), 0) FROM procrastinate_events"
+
+PRESET = Preset(
+    name="procrastinate",
+    description="Procrastinate 3.x (Python): procrastinate_jobs, procrastinate_events, procrastinate_workers",
+    required_columns={
+        "procrastinate_jobs": (
+            "id",
+            "queue_name",
+            "task_name",
+            "status",
+            "scheduled_at",
+            "attempts",
+            "worker_id",
+        ),
+        "procrastinate_events": ("id", "job_id", "type", "at"),
+        "procrastinate_workers": ("id", "last_heartbeat"),
+    },
+    # Procrastinate's own stalled_worker_timeout
+    default_stale_after=30.0,
+    live=Statement(LIVE),
+    terminal=Statement(TERMINAL),
+    finished_key="id",
+    finished_tail=Statement(FINISHED_TAIL),
+    finished_backfill=Statement(FINISHED_BACKFILL),
+    finished_high=Statement(FINISHED_HIGH),
+    self_rescue="none: stalled jobs stay 'doing' unless the application retries them",
+    outcomes=("succeeded", "failed", "cancelled", "retried"),
+)

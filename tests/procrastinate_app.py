@@ -1,0 +1,54 @@
+"""A real Procrastinate app for the tests, and a worker entry point for subprocesses.
+
+python tests/procrastinate_app.py DSN QUEUE [QUEUE ...]   # runs a worker until killed
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import procrastinate
+
+
+def make_app(dsn: str) -> procrastinate.App:
+    app = procrastinate.App(connector=procrastinate.PsycopgConnector(conninfo=dsn))
+
+    @app.task(name="ok", queue="default")
+    async def ok(n: int = 0) -> int:
+        return n
+
+    @app.task(name="fail", queue="default")
+    async def fail(n: int = 0) -> None:
+        raise ValueError(f"job {n} failed on purpose")
+
+    @app.task(
+        name="flaky", queue="default", retry=procrastinate.RetryStrategy(max_attempts=1, wait=0)
+    )
+    async def flaky(n: int = 0) -> None:
+        raise ValueError("fails every attempt, retried once")
+
+    @app.task(name="slow", queue="slow")
+    async def slow(seconds: float = 3600) -> None:
+        await asyncio.sleep(seconds)
+
+    return app
+
+
+async def apply_schema(dsn: str) -> procrastinate.App:
+    app = make_app(dsn)
+    async with app.open_async():
+        await app.schema_manager.apply_schema_async()
+    return app
+
+
+async def run_worker(dsn: str, queues: list[str]) -> None:
+    app = make_app(dsn)
+    async with app.open_async():
+        await app.run_worker_async(
+            queues=queues, wait=True, update_heartbeat_interval=0.5, fetch_job_polling_interval=0.2
+        )
+
+
+if __name__ == "__main__":
+    asyncio.run(run_worker(sys.argv[1], sys.argv[2:]))

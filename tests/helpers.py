@@ -29,3 +29,34 @@ async def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, mes
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout}s: {message or predicate}")
         await asyncio.sleep(interval)
+
+
+def parse_metrics(text: str) -> dict[tuple[str, frozenset], float]:
+    """Exposition text -> {(sample name, frozenset of label items): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def scrape(*pollers) -> dict[tuple[str, frozenset], float]:
+    """What /metrics would serve for these pollers right now."""
+    from jobqueue_exporter.cli import build_registry
+    from prometheus_client import generate_latest
+
+    return parse_metrics(generate_latest(build_registry(pollers)).decode())
+
+
+def series(samples: dict, name: str, **labels: str) -> dict[frozenset, float]:
+    """Samples of one metric whose labels include ``labels``."""
+    wanted = set(labels.items())
+    return {lbls: v for (n, lbls), v in samples.items() if n == name and wanted <= lbls}
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    found = series(samples, name, **labels)
+    assert len(found) == 1, f"expected one {name}{labels}, found {sorted(map(dict, found))}"
+    return next(iter(found.values()))

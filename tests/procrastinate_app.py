@@ -28,6 +28,14 @@ def make_app(dsn: str) -> procrastinate.App:
     async def flaky(n: int = 0) -> None:
         raise ValueError("fails every attempt, retried once")
 
+    @app.task(
+        name="retry_later",
+        queue="default",
+        retry=procrastinate.RetryStrategy(max_attempts=3, wait=3600),
+    )
+    async def retry_later(n: int = 0) -> None:
+        raise ValueError("fails; next attempt in an hour")
+
     @app.task(name="slow", queue="slow")
     async def slow(seconds: float = 3600) -> None:
         await asyncio.sleep(seconds)

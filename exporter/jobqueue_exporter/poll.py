@@ -65,7 +65,9 @@ def resolve_preset(target: Target, types: dict[str, generic.ColumnType] | None =
 def _classify(exc: BaseException) -> str:
     if isinstance(exc, SchemaProblem):
         return "schema"
-    if isinstance(exc, (asyncpg.QueryCanceledError, asyncio.TimeoutError, TimeoutError)):
+    if isinstance(
+        exc, (asyncpg.QueryCanceledError, asyncpg.LockNotAvailableError, asyncio.TimeoutError)
+    ):
         return "timeout"
     if isinstance(exc, (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)):
         return "connection"

@@ -6,10 +6,12 @@ Every user mistake becomes a :class:`ConfigError` listing one line per problem, 
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -18,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -38,10 +41,15 @@ CANONICAL_STATES = (
 RESERVED_LABELS = {"target", "queue", "kind", "state", "outcome", "job", "instance"}
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_BARE_NUMBER = re.compile(r"\d+(?:\.\d+)?")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 # SQL identifiers from config are validated here and quoted again when SQL is built.
-IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
-_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+# All patterns are used with fullmatch: a bare `$` would also accept a trailing newline.
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+_TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+# PostgreSQL stores timeouts as int milliseconds; the idle-in-transaction timeout is 2x + 1s of it
+MAX_TIMEOUT = 86400.0
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -53,6 +61,23 @@ class ConfigError(Exception):
         super().__init__("\n".join(problems))
 
 
+class _Problems(ValueError):
+    """Several problems found by one validator, each with a location relative to the validated node.
+
+    ``load_config_data`` turns each into its own line, so one validator can report every mistake it
+    sees (and point at the exact key) instead of stopping at the first.
+    """
+
+    def __init__(self, problems: list[tuple[tuple[str | int, ...], str]]):
+        self.problems = problems
+        super().__init__("; ".join(message for _, message in problems))
+
+
+def _raise_problems(problems: list[tuple[tuple[str | int, ...], str]]) -> None:
+    if problems:
+        raise _Problems(problems)
+
+
 def parse_duration(value: Any) -> float:
     """Parse ``30s``, ``5m``, ``1h30m``, ``250ms`` or a bare number of seconds into seconds."""
     if isinstance(value, bool):
@@ -61,6 +86,10 @@ def parse_duration(value: Any) -> float:
         seconds = float(value)
     elif isinstance(value, str):
         text = value.strip()
+        if text.startswith("-") and text[1:2].isdigit():
+            raise ValueError(f"invalid duration {value!r}: must not be negative")
+        if _BARE_NUMBER.fullmatch(text):  # "30" from an env var or a quoted YAML value
+            return parse_duration(float(text))
         pos, seconds = 0, 0.0
         for match in _DURATION_PART.finditer(text):
             if match.start() != pos:
@@ -73,6 +102,8 @@ def parse_duration(value: Any) -> float:
             )
     else:
         raise ValueError(f"invalid duration {value!r}: use a string such as 30s, 5m, 1h")
+    if not math.isfinite(seconds):
+        raise ValueError(f"invalid duration {value!r}: must be a finite number, e.g. 30s, 5m, 1h")
     if seconds < 0:
         raise ValueError(f"invalid duration {value!r}: must not be negative")
     return seconds
@@ -82,7 +113,14 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 
 
 def _identifier(value: Any) -> str:
-    if not isinstance(value, str) or not IDENTIFIER.match(value):
+    if isinstance(value, str) and value.count(".") == 1:
+        schema, _, name = value.partition(".")
+        if IDENTIFIER.fullmatch(schema) and IDENTIFIER.fullmatch(name):
+            raise ValueError(
+                f"{value!r} is not a plain SQL identifier: write the schema separately, "
+                f"i.e. schema: {schema} and name: {name}"
+            )
+    if not isinstance(value, str) or not IDENTIFIER.fullmatch(value):
         raise ValueError(
             f"{value!r} is not a plain SQL identifier: use letters, digits and underscores, "
             "starting with a letter or underscore (at most 63 characters)"
@@ -93,6 +131,19 @@ def _identifier(value: Any) -> str:
 Identifier = Annotated[str, BeforeValidator(_identifier)]
 
 
+def _native_value(value: Any) -> Any:
+    """Native state values are compared as text cast to the column's type: accept YAML numbers and
+    booleans (an integer or boolean state column) as their PostgreSQL text form."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    return value
+
+
+NativeValue = Annotated[str, BeforeValidator(_native_value)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -101,30 +152,45 @@ class StateMapping(_Strict):
     """Which native values of the state column mean which canonical state."""
 
     column: Identifier
-    pending: list[str] = []
-    scheduled: list[str] = []
-    running: list[str] = []
-    retrying: list[str] = []
-    succeeded: list[str] = []
-    failed: list[str] = []
-    dead: list[str] = []
-    cancelled: list[str] = []
+    pending: list[NativeValue] = []
+    scheduled: list[NativeValue] = []
+    running: list[NativeValue] = []
+    retrying: list[NativeValue] = []
+    succeeded: list[NativeValue] = []
+    failed: list[NativeValue] = []
+    dead: list[NativeValue] = []
+    cancelled: list[NativeValue] = []
 
     @model_validator(mode="after")
     def _check_values(self) -> StateMapping:
+        problems: list[tuple[tuple[str | int, ...], str]] = []
         seen: dict[str, str] = {}
         for state in CANONICAL_STATES:
-            for native in getattr(self, state):
+            for i, native in enumerate(getattr(self, state)):
                 if native in seen:
-                    raise ValueError(
-                        f"value {native!r} is mapped to both {seen[native]!r} and {state!r}: "
-                        "map each native value to exactly one canonical state"
+                    problems.append(
+                        (
+                            (state, i),
+                            f"value {native!r} is mapped to both {seen[native]!r} and {state!r}: "
+                            "map each native value to exactly one canonical state"
+                            if seen[native] != state
+                            else f"value {native!r} is listed twice under {state!r}",
+                        )
                     )
-                seen[native] = state
+                seen.setdefault(native, state)
         if not self.running:
-            raise ValueError("no value is mapped to 'running': add e.g. running: [running]")
+            problems.append(
+                (("running",), "no value is mapped to 'running': add e.g. running: [running]")
+            )
         if not (self.pending or self.scheduled or self.retrying):
-            raise ValueError("no waiting value is mapped: add e.g. pending: [pending]")
+            problems.append(
+                (
+                    (),
+                    "no waiting value is mapped to pending, scheduled or retrying: "
+                    "add e.g. pending: [pending]",
+                )
+            )
+        _raise_problems(problems)
         return self
 
     def values_for(self, *states: str) -> list[str]:
@@ -156,7 +222,7 @@ class StaleRule(_Strict):
         chosen = [k for k in ("lease_expires", "started_before", "heartbeat") if getattr(self, k)]
         if len(chosen) != 1:
             raise ValueError(
-                "set exactly one of lease_expires, started_before, heartbeat "
+                "set exactly one stale rule of lease_expires, started_before, heartbeat "
                 f"(got {', '.join(chosen) or 'none'})"
             )
         return self
@@ -188,14 +254,23 @@ class TableMapping(_Strict):
     @model_validator(mode="after")
     def _needs(self) -> TableMapping:
         ts = self.timestamps
+        problems: list[tuple[tuple[str | int, ...], str]] = []
         if not (ts.eligible or ts.enqueued):
-            raise ValueError(
-                "timestamps.eligible or timestamps.enqueued is required to compute the oldest pending age"
+            problems.append(
+                (
+                    ("timestamps",),
+                    "timestamps.eligible or timestamps.enqueued is required to compute the oldest "
+                    "pending age",
+                )
             )
         if not ts.started and not (self.stale and self.stale.started_before):
-            raise ValueError(
-                "timestamps.started (or stale.started_before) is required to compute running ages"
+            problems.append(
+                (
+                    ("timestamps",),
+                    "timestamps.started (or stale.started_before) is required to compute running ages",
+                )
             )
+        _raise_problems(problems)
         return self
 
 
@@ -225,51 +300,137 @@ class Target(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$", value):
+        if not _TARGET_NAME.fullmatch(value):
             raise ValueError(
-                f"target name {value!r} must be 1-63 characters of letters, digits, '_', '.', '-'"
+                f"target name {value!r} must be 1-63 characters of letters, digits, '_', '.', '-' "
+                "(starting with a letter or digit)"
+            )
+        return value
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            # libpq would fall back to PGHOST/PGUSER/... or a local socket: never what was meant
+            raise ValueError(
+                "dsn is empty: set a connection URI, e.g. postgresql://user@host:5432/db or ${DSN}"
+            )
+        return value
+
+    @field_validator("preset")
+    @classmethod
+    def _preset(cls, value: str | None) -> str | None:
+        if value is not None and value not in known_presets():
+            raise ValueError(
+                f"unknown preset {value!r}; known presets: {', '.join(known_presets())}"
+            )
+        return value
+
+    @field_validator("poll_interval")
+    @classmethod
+    def _interval(cls, value: float | None) -> float | None:
+        if value is not None and value < 0.05:
+            raise ValueError("poll_interval must be at least 50ms, e.g. 15s")
+        return value
+
+    @field_validator("statement_timeout", "lock_timeout")
+    @classmethod
+    def _timeout(cls, value: float, info: ValidationInfo) -> float:
+        # PostgreSQL takes whole milliseconds and treats 0 as "no timeout at all"
+        if value < 0.001:
+            raise ValueError(
+                f"{info.field_name} must be at least 1ms (0 would disable it in PostgreSQL), e.g. 5s"
+            )
+        if value > MAX_TIMEOUT:
+            raise ValueError(f"{info.field_name} must be at most 1d, e.g. 5s")
+        return value
+
+    @field_validator("success_window")
+    @classmethod
+    def _window(cls, value: float) -> float:
+        if value < 1:
+            raise ValueError("success_window must be at least 1s, e.g. 10m")
+        return value
+
+    @field_validator("queues")
+    @classmethod
+    def _queues(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError(
+                "queues is empty, so nothing would be exported: list queue names or remove the key "
+                "to export all queues"
             )
         return value
 
     @field_validator("labels")
     @classmethod
     def _labels(cls, value: dict[str, str]) -> dict[str, str]:
+        problems: list[tuple[tuple[str | int, ...], str]] = []
         for label in value:
-            if not _LABEL_NAME.match(label) or label.startswith("__"):
-                raise ValueError(
-                    f"label name {label!r} is not a valid Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*, "
-                    "no leading '__')"
+            if not _LABEL_NAME.fullmatch(label) or label.startswith("__"):
+                problems.append(
+                    (
+                        (label,),
+                        f"label name {label!r} is not a valid Prometheus label name "
+                        "([a-zA-Z_][a-zA-Z0-9_]*, no leading '__')",
+                    )
                 )
-            if label in RESERVED_LABELS:
-                raise ValueError(
-                    f"label name {label!r} is set by the exporter itself; choose another name"
+            elif label in RESERVED_LABELS:
+                problems.append(
+                    (
+                        (label,),
+                        f"label name {label!r} is reserved (set by the exporter itself: "
+                        f"{', '.join(sorted(RESERVED_LABELS))}); choose another name",
+                    )
                 )
+        _raise_problems(problems)
         return value
 
     @model_validator(mode="after")
     def _sources(self) -> Target:
-        if (self.dsn is None) == (self.dsn_file is None):
-            raise ValueError(
-                "set exactly one of dsn (may use ${ENV_VAR}) or dsn_file (a file holding the DSN)"
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        if self.dsn is not None and self.dsn_file is not None:
+            problems.append(
+                (
+                    (),
+                    "set only one of dsn or dsn_file, not both (dsn_file is a file holding the DSN)",
+                )
+            )
+        elif self.dsn is None and self.dsn_file is None:
+            problems.append(
+                (
+                    (),
+                    "set exactly one of dsn (may use ${ENV_VAR}) or dsn_file (a file holding the DSN)",
+                )
             )
         if self.preset is None and self.table is None:
-            raise ValueError(
-                "set preset (one of: " + ", ".join(known_presets()) + ") or a table mapping"
+            problems.append(
+                ((), "set preset (one of: " + ", ".join(known_presets()) + ") or a table mapping")
             )
         if self.preset not in (None, "generic") and self.table is not None:
-            raise ValueError(
-                f"preset {self.preset!r} describes its own tables: remove 'table' or use preset: generic"
-            )
-        if self.preset is not None and self.preset not in known_presets():
-            raise ValueError(
-                f"unknown preset {self.preset!r}; known presets: {', '.join(known_presets())}"
+            problems.append(
+                (
+                    ("table",),
+                    f"preset {self.preset!r} describes its own tables: remove 'table' or use "
+                    "preset: generic",
+                )
             )
         if self.preset == "generic" and self.table is None:
-            raise ValueError("preset 'generic' needs a 'table' mapping")
-        if self.statement_timeout <= 0:
-            raise ValueError("statement_timeout must be greater than 0, e.g. 5s")
-        if self.success_window < 1:
-            raise ValueError("success_window must be at least 1s, e.g. 10m")
+            problems.append(((), "preset 'generic' needs a 'table' mapping"))
+        if (
+            self.table is not None
+            and self.table.schema_ is not None
+            and self.schema_ is not None
+            and self.table.schema_ != self.schema_
+        ):
+            problems.append(
+                (
+                    ("table", "schema"),
+                    f"table.schema {self.table.schema_!r} differs from the target's schema "
+                    f"{self.schema_!r}: set the schema in one place",
+                )
+            )
+        _raise_problems(problems)
         return self
 
     @property
@@ -307,17 +468,30 @@ class Config(_Strict):
             raise ValueError("poll_interval must be at least 50ms, e.g. 15s")
         return value
 
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _no_targets(cls, value: Any) -> Any:
+        # `targets:` with nothing under it is YAML null: say what is missing, not "not a list"
+        return [] if value is None else value
+
     @field_validator("targets")
     @classmethod
     def _targets(cls, value: list[Target]) -> list[Target]:
         if not value:
-            raise ValueError("at least one target is required")
-        names = [t.name for t in value]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(
-                f"duplicate target name(s) {', '.join(dupes)}: every target needs a unique name"
-            )
+            raise ValueError("at least one target is required: add a list of targets")
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        first: dict[str, int] = {}
+        for i, target in enumerate(value):
+            if target.name in first:
+                problems.append(
+                    (
+                        (i, "name"),
+                        f"duplicate target name {target.name!r} (also targets[{first[target.name]}]): "
+                        "every target needs a unique name",
+                    )
+                )
+            first.setdefault(target.name, i)
+        _raise_problems(problems)
         return value
 
     def interval_for(self, target: Target) -> float:
@@ -327,7 +501,7 @@ class Config(_Strict):
 def parse_listen(value: str) -> tuple[str, int]:
     """Split ``host:port`` (``[::1]:port`` for IPv6); raise ValueError with the expected form."""
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(
             f"listen address {value!r} must be host:port, e.g. 0.0.0.0:{DEFAULT_PORT} or [::]:{DEFAULT_PORT}"
         )
@@ -340,21 +514,23 @@ def known_presets() -> list[str]:
     return sorted([*PRESETS, "generic"])
 
 
-def _loc_to_path(loc: tuple[Any, ...], data: Any) -> str:
+def _loc_to_path(loc: tuple[Any, ...], data: Any, user_parts: int = 0) -> str:
+    """Render a pydantic location as the key path the user wrote; the last ``user_parts`` parts are
+    keys from the file itself (never pydantic's union/function tags)."""
     path, node = "", data
-    for part in loc:
-        if isinstance(part, int):
+    for n, part in enumerate(loc):
+        if isinstance(part, int) and isinstance(node, list):
             path += f"[{part}]"
-            name = (
-                node[part].get("name")
-                if isinstance(node, list) and isinstance(node[part], dict)
-                else None
-            )
-            if name and path.endswith(f"targets[{part}]"):
+            item = node[part] if 0 <= part < len(node) else None
+            name = item.get("name") if isinstance(item, dict) else None
+            if name is not None and path.endswith(f"targets[{part}]"):
                 path += f"({name})"
         else:
             # pydantic adds union/function tags to locations; they are not keys the user wrote
-            if part.startswith("function-") or part in {"str", "int", "float"}:
+            tag = isinstance(part, str) and (
+                part.startswith("function-") or part in {"str", "int", "float"}
+            )
+            if tag and n < len(loc) - user_parts:
                 continue
             path += f".{part}" if path else str(part)
         try:
@@ -367,35 +543,83 @@ def _loc_to_path(loc: tuple[Any, ...], data: Any) -> str:
 def _explain(error: dict[str, Any]) -> str:
     kind, msg = error["type"], error["msg"]
     if kind == "extra_forbidden":
-        return "unknown key: remove it or check its spelling against the configuration reference"
+        key = error["loc"][-1] if error["loc"] else None
+        close = difflib.get_close_matches(str(key), _keys_at(error["loc"][:-1]), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return f"unknown key: {hint}remove it or check its spelling against the configuration reference"
     if kind == "missing":
         return "required key is missing"
+    if kind in {"model_type", "model_attributes_type", "dict_type"}:
+        return "must be a mapping of keys to values"
+    if kind == "list_type":
+        return "must be a list, e.g. [a, b] or one '- item' per line"
     if msg.startswith("Value error, "):
         return msg[len("Value error, ") :]
-    if kind == "literal_error":
-        return msg.replace("Input should be", "must be")
-    return msg
+    msg = msg.replace("Input should be", "must be")
+    return msg.replace("greater than or equal to", "at least").replace(
+        "less than or equal to", "at most"
+    )
 
 
-def _interpolate(node: Any, path: str, problems: list[str]) -> Any:
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        model = _model_in(arg)
+        if model is not None:
+            return model
+    return None
+
+
+def _keys_at(loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed at a location (for "did you mean" hints); empty when unknown."""
+    model: type[BaseModel] | None = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        assert model is not None
+        fields = {(f.alias or name): f for name, f in model.model_fields.items()}
+        if part not in fields:
+            return []
+        model = _model_in(fields[part].annotation)
+        if model is None:
+            return []
+    assert model is not None
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _problem_lines(exc: ValidationError, data: Any) -> list[str]:
+    lines: list[str] = []
+    for error in exc.errors():
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, _Problems):
+            for sub, message in cause.problems:
+                path = _loc_to_path((*error["loc"], *sub), data, user_parts=len(sub))
+                lines.append(f"{path}: {message}")
+        else:
+            lines.append(f"{_loc_to_path(error['loc'], data)}: {_explain(error)}")
+    return lines
+
+
+def _interpolate(
+    node: Any, loc: tuple[Any, ...], missing: list[tuple[tuple[Any, ...], str]]
+) -> Any:
     """Replace ``${VAR}`` / ``${VAR:-default}`` in every string value from the environment."""
     if isinstance(node, dict):
-        return {
-            k: _interpolate(v, f"{path}.{k}" if path else str(k), problems) for k, v in node.items()
-        }
+        return {k: _interpolate(v, (*loc, k), missing) for k, v in node.items()}
     if isinstance(node, list):
-        return [_interpolate(v, f"{path}[{i}]", problems) for i, v in enumerate(node)]
+        return [_interpolate(v, (*loc, i), missing) for i, v in enumerate(node)]
     if isinstance(node, str):
 
         def replace(match: re.Match[str]) -> str:
             var, default = match.group(1), match.group(2)
-            if var in os.environ:
-                return os.environ[var]
+            value = os.environ.get(var)
             if default is not None:
-                return default
-            problems.append(
-                f"{path}: environment variable {var} is not set: export it or use ${{{var}:-default}}"
-            )
+                # as in the shell: ${VAR:-default} also uses the default when VAR is set but empty
+                return value or default
+            if value is not None:
+                return value
+            missing.append((loc, var))
             return ""
 
         return _ENV_REF.sub(replace, node)
@@ -404,32 +628,71 @@ def _interpolate(node: Any, path: str, problems: list[str]) -> Any:
 
 def load_config_data(data: Any, source: str = "config") -> Config:
     if not isinstance(data, dict):
-        raise ConfigError([f"{source}: expected a mapping with a 'targets' list at the top level"])
-    problems: list[str] = []
-    data = _interpolate(data, "", problems)
-    if problems:
-        raise ConfigError(problems)
-    try:
-        return Config.model_validate(data)
-    except ValidationError as exc:
+        found = "an empty file" if data is None else f"a {type(data).__name__}"
         raise ConfigError(
-            [f"{_loc_to_path(e['loc'], data)}: {_explain(e)}" for e in exc.errors()]
-        ) from None
+            [f"{source}: expected a mapping with a 'targets' list at the top level, found {found}"]
+        )
+    missing: list[tuple[tuple[Any, ...], str]] = []
+    interpolated = _interpolate(data, (), missing)
+    if missing:
+        raise ConfigError(
+            [
+                f"{_loc_to_path(loc, data, user_parts=len(loc))}: environment variable {var} is not "
+                f"set: export it or use ${{{var}:-default}}"
+                for loc, var in missing
+            ]
+        )
+    try:
+        return Config.model_validate(interpolated)
+    except ValidationError as exc:
+        raise ConfigError(_problem_lines(exc, interpolated)) from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key written twice in one mapping (PyYAML keeps the last silently,
+    so a second ``targets:`` would drop every target above it). Merge keys (``<<``) may still be
+    overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Mark] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # unhashable key: SafeLoader reports it below
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping",
+                        node.start_mark,
+                        f"duplicate key {key!r} (first set at line {first.line + 1}): "
+                        "keep only one",
+                        key_node.start_mark,
+                    )
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_config(path: str | Path) -> Config:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError([f"{path}: cannot read config file: {exc.strerror}"]) from None
+        raise ConfigError([f"{path}: cannot read config file: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            [f"{path}: cannot read config file: not UTF-8 text (byte {exc.start})"]
+        ) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(
-            [f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}"]
+            [f"{path}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}"]
         ) from None
     config = load_config_data(data, str(path))
     problems, targets = [], []
@@ -437,10 +700,17 @@ def load_config(path: str | Path) -> Config:
         if target.dsn_file is not None:
             # relative to the config file, so `check` and `run` agree wherever they are started
             dsn_file = (path.parent / target.dsn_file).resolve()
+            where = f"targets[{i}]({target.name}).dsn_file"
             if not dsn_file.is_file():
-                problems.append(
-                    f"targets[{i}]({target.name}).dsn_file: {dsn_file} does not exist or is not a file"
-                )
+                problems.append(f"{where}: {dsn_file} does not exist or is not a file")
+            else:
+                try:
+                    if not dsn_file.read_text().strip():
+                        problems.append(f"{where}: {dsn_file} is empty: put the DSN in it")
+                except (OSError, UnicodeDecodeError) as exc:
+                    problems.append(
+                        f"{where}: cannot read {dsn_file}: {getattr(exc, 'strerror', None) or exc}"
+                    )
             target = target.model_copy(update={"dsn_file": dsn_file})
         targets.append(target)
     if problems:

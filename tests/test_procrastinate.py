@@ -268,7 +268,9 @@ async def test_kind_cap_overflows_into_other(dsn: str, db: asyncpg.Connection, c
         for kind in ("a", "b", "c", "d"):
             await app.configure_task(name=kind, queue="many").defer_async()
         await app.configure_task(name="x", queue="ignored").defer_async()
-    poller = poller_for(dsn, max_kinds_per_queue=cap, queues=["many", "declared"])
+    poller = poller_for(
+        dsn, max_kinds_per_queue=cap, queues=["many", "declared"], labels={"env": "prod"}
+    )
     await poller.poll_once()
     samples = scrape(poller)
     kinds = {
@@ -279,6 +281,8 @@ async def test_kind_cap_overflows_into_other(dsn: str, db: asyncpg.Connection, c
     assert value(samples, "jobqueue_jobs", queue="many", kind="__other__", state="pending") == 2
     assert series(samples, "jobqueue_jobs", queue="ignored") == {}, "not in the allow-list"
     assert value(samples, "jobqueue_jobs", queue="declared", kind="default", state="pending") == 0
+    assert set(series(samples, "jobqueue_up")) == {frozenset({("target", "app"), ("env", "prod")})}
+    assert all(("env", "prod") in labels for labels in series(samples, "jobqueue_stale_jobs"))
 
 
 async def test_terminal_states_are_opt_in(dsn: str, db: asyncpg.Connection) -> None:

@@ -17,6 +17,7 @@ import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -261,18 +262,9 @@ class TargetPoller:
             terminal = None
             if self.target.count_terminal_states and preset.terminal is not None:
                 terminal = await conn.fetch(preset.terminal.sql, *preset.terminal.params)
-            finished: list[FinishedRow] = []
             if self.state.finished_counting:
-                finished = await self._read_finished(conn, snap)
+                await self._count_finished(conn, snap)
         now = time.time()
-        counts: Counter[tuple[str, str, str]] = Counter()
-        for row in finished:
-            key = self.policy.label(row.queue, row.kind)
-            if key is not None:
-                counts[(*key, row.outcome)] += 1
-        self.state.finished.update(counts)
-        assert self.state.window is not None
-        self.state.window.add(now, counts)
         snapshot = build_snapshot(
             self.policy,
             [tuple(r) for r in live],  # type: ignore[misc]
@@ -285,24 +277,30 @@ class TargetPoller:
                 self.state.finished.setdefault((queue, kind, outcome), 0)
         return snapshot
 
-    async def _read_finished(
-        self, conn: asyncpg.Connection, snap: SnapshotInfo
-    ) -> list[FinishedRow]:
+    async def _count_finished(self, conn: asyncpg.Connection, snap: SnapshotInfo) -> None:
+        """Count jobs finished since the last poll. Applied as soon as read: the tail has already
+        marked them seen, so a later failure in this poll must not lose them."""
         preset = self.preset
         high = None
         if preset.finished_high is not None:
             high = await conn.fetchval(preset.finished_high.sql, *preset.finished_high.params)
-        if self.tail is None or not self.tail.started:
+        if self.tail is None:
             await self._backfill(conn, snap, high)
-            return []
-        assert self.tail.floor is not None
+            return
         rows = await conn.fetch(
             preset.finished_tail.sql, self.tail.floor, TAIL_ROW_LIMIT, *preset.finished_tail.params
         )
         finished = [
             FinishedRow(r["key"], r["row_id"], r["queue"], r["kind"], r["outcome"]) for r in rows
         ]
-        return self.tail.take(finished, snap, high, limit_hit=len(rows) >= TAIL_ROW_LIMIT)
+        counts: Counter[tuple[str, str, str]] = Counter()
+        for row in self.tail.take(finished, snap, high, limit_hit=len(rows) >= TAIL_ROW_LIMIT):
+            key = self.policy.label(row.queue, row.kind)
+            if key is not None:
+                counts[(*key, row.outcome)] += 1
+        self.state.finished.update(counts)
+        assert self.state.window is not None
+        self.state.window.add(time.time(), counts)
 
     async def _backfill(self, conn: asyncpg.Connection, snap: SnapshotInfo, high: Any) -> None:
         """Fill the success window with one bounded query, and start the tail above it."""
@@ -321,8 +319,6 @@ class TargetPoller:
         if preset.finished_key == "id":
             floor = min((r.key for r in baseline), default=high + 1) - 1
         else:
-            from datetime import timedelta
-
             floor = snap.now - timedelta(seconds=window)
         self.tail.start(floor, baseline, snap, high)
         buckets: dict[int, Counter[tuple[str, str, str]]] = {}

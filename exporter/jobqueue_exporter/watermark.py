@@ -59,10 +59,6 @@ class FinishedTail:
         self._candidates: list[_Candidate] = []
 
     @property
-    def started(self) -> bool:
-        return self.floor is not None
-
-    @property
     def remembered(self) -> int:
         return len(self._seen)
 

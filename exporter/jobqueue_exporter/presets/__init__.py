@@ -19,7 +19,7 @@ Statement contract (all run inside one REPEATABLE READ, READ ONLY transaction pe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 WatermarkKind = Literal["id", "timestamp"]
@@ -52,7 +52,6 @@ class Preset:
     # what the queue system does about stale jobs itself (shown in docs and logs)
     self_rescue: str = ""
     outcomes: tuple[str, ...] = ("succeeded", "failed", "dead", "cancelled")
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _registry() -> dict[str, Preset]:

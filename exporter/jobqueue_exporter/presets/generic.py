@@ -172,5 +172,4 @@ LIMIT $2
         schema=table.schema_,
         self_rescue="unknown (generic table)",
         outcomes=("succeeded", "failed", "dead", "cancelled"),
-        extra={"finished_column": fin},
     )

@@ -205,3 +205,16 @@ async def test_missing_table_is_reported(dsn: str) -> None:
     poller = TargetPoller(config, config.targets[0])
     with pytest.raises(Exception, match="table 'procrastinate_jobs' not found"):
         await poller.poll_once()
+
+
+async def test_state_value_missing_from_enum_is_a_schema_error(
+    dsn: str, db: asyncpg.Connection
+) -> None:
+    await db.execute(RUST)
+    typo = {**RUST_TABLE, "state": {**RUST_TABLE["state"], "retrying": ["retryng"]}}
+    poller = poller_for(dsn, typo)
+    with pytest.raises(
+        Exception, match=r"'retryng' are not labels of enum job_state \(labels: pending"
+    ):
+        await poller.poll_once()
+    assert poller.state.errors["schema"] == 1

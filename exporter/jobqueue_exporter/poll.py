@@ -23,7 +23,7 @@ from typing import Any
 import asyncpg
 
 from . import __version__
-from .config import Config, Target
+from .config import CANONICAL_STATES, Config, Target
 from .presets import PRESETS, Preset, generic
 from .snapshot import LabelPolicy, SuccessWindow, TargetSnapshot, build_snapshot
 from .watermark import FinishedRow, FinishedTail, SnapshotInfo
@@ -113,7 +113,7 @@ class TargetPoller:
         }
         schema = self.target.schema_ or self.preset.schema
         if schema:
-            settings["search_path"] = schema
+            settings["search_path"] = generic.quote_ident(schema)
         return settings
 
     async def _connect(self) -> asyncpg.Connection:
@@ -186,8 +186,31 @@ class TargetPoller:
         if problems:
             raise SchemaProblem(f"target {self.target.name}: " + "; ".join(problems))
         if self.target.table is not None:
+            await self._check_enum_values(conn, found[self.target.table.name])
             self.preset = generic.build(self.target.table, found[self.target.table.name])
         self.state.finished_counting = await self._decide_finished_counting(conn, schema)
+
+    async def _check_enum_values(
+        self, conn: asyncpg.Connection, columns: dict[str, generic.ColumnType]
+    ) -> None:
+        """A mapped value that is not a label of an enum state column would fail every poll."""
+        mapping = self.target.table.state  # type: ignore[union-attr]
+        column = columns[mapping.column]
+        labels = await conn.fetchval(
+            "SELECT array_agg(e.enumlabel ORDER BY e.enumsortorder) FROM pg_enum e"
+            " JOIN pg_type t ON t.oid = e.enumtypid JOIN pg_namespace n ON n.oid = t.typnamespace"
+            " WHERE n.nspname = $1 AND t.typname = $2",
+            column.udt_schema,
+            column.udt_name,
+        )
+        if labels is None:
+            return
+        unknown = [str(v) for v in mapping.values_for(*CANONICAL_STATES) if str(v) not in labels]
+        if unknown:
+            raise SchemaProblem(
+                f"target {self.target.name}: state value(s) {', '.join(map(repr, unknown))} are not "
+                f"labels of enum {column.udt_name} (labels: {', '.join(labels)})"
+            )
 
     async def _decide_finished_counting(self, conn: asyncpg.Connection, schema: str | None) -> bool:
         preset, mode = self.preset, self.target.finished_counting

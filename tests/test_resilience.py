@@ -225,3 +225,17 @@ async def test_dead_or_stuck_target_never_delays_the_others(
     finally:
         await locker.close()
         await exporter.stop()
+
+
+async def test_connect_failures_are_connection_errors(admin_dsn: str) -> None:
+    """Unknown database, refused port: both are `connection`, whatever the server's error class."""
+    from helpers import with_database
+
+    config = make_config(
+        procrastinate_target("nodb", with_database(admin_dsn, "no_such_database")),
+        procrastinate_target("refused", f"postgresql://postgres@127.0.0.1:{_closed_port()}/x"),
+    )
+    for poller in (TargetPoller(config, target) for target in config.targets):
+        with pytest.raises(Exception):
+            await poller.poll_once()
+        assert dict(poller.state.errors) == {"connection": 1}, poller.state.last_error

@@ -103,12 +103,14 @@ class JobQueueCollector(Collector):
                 duration.add_metric(values(state), state.last_poll_duration)
             for reason in POLL_ERROR_REASONS:
                 errors.add_metric(values(state, reason), state.errors[reason])
+            snapshot = state.snapshot
+            if snapshot is None:
+                # down: serve nothing that would read as current, not even frozen counters (they
+                # would look like a stalled queue); counting resumes exactly where it stopped
+                continue
             if state.finished_counting:
                 for (queue, kind, outcome), count in sorted(state.finished.items()):
                     finished.add_metric(values(state, queue, kind, outcome), count)
-            snapshot = state.snapshot
-            if snapshot is None:
-                continue
             states = LIVE_STATES + (TERMINAL_STATES if snapshot.terminal_counted else ())
             for (queue, kind), stats in sorted(snapshot.series.items()):
                 for job_state in states:

@@ -63,16 +63,17 @@ def resolve_preset(target: Target, types: dict[str, generic.ColumnType] | None =
     return PRESETS[target.preset_name]
 
 
-def _classify(exc: BaseException) -> str:
+def _classify(exc: BaseException, connecting: bool) -> str:
     if isinstance(exc, SchemaProblem):
         return "schema"
+    if connecting:
+        # refused, unknown database, bad password, too many clients, starting up, connect timeout
+        return "connection"
     if isinstance(
         exc, (asyncpg.QueryCanceledError, asyncpg.LockNotAvailableError, asyncio.TimeoutError)
     ):
         return "timeout"
     if isinstance(exc, (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)):
-        return "connection"
-    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
         return "connection"
     return "query"
 
@@ -117,9 +118,6 @@ class TargetPoller:
         return settings
 
     async def _connect(self) -> asyncpg.Connection:
-        if self._conn is not None and not self._conn.is_closed():
-            return self._conn
-        self._conn = None
         conn = await asyncpg.connect(
             self.target.resolve_dsn(),
             timeout=min(CONNECT_TIMEOUT, max(self.interval, 1.0) * 2),
@@ -128,13 +126,6 @@ class TargetPoller:
             command_timeout=self.target.statement_timeout + 5.0,
         )
         self._conn = conn
-        if not self._prepared:
-            try:
-                await self._prepare(conn)
-            except BaseException:
-                await self.close()
-                raise
-            self._prepared = True
         return conn
 
     async def close(self) -> None:
@@ -251,15 +242,20 @@ class TargetPoller:
         """Read the target once and publish the snapshot; on failure publish 'down' and re-raise."""
         async with self._lock:
             started = time.monotonic()
+            connecting = self._conn is None or self._conn.is_closed()
             try:
-                conn = await self._connect()
+                conn = await self._connect() if connecting else self._conn
+                connecting = False
+                if not self._prepared:
+                    await self._prepare(conn)
+                    self._prepared = True
                 snapshot = await self._read(conn)
             except BaseException as exc:
                 self.state.last_poll_duration = time.monotonic() - started
                 if isinstance(exc, asyncio.CancelledError):
                     await self.close()
                     raise
-                reason = _classify(exc)
+                reason = _classify(exc, connecting)
                 self.state.errors[reason] += 1
                 self.state.up = False
                 self.state.snapshot = None  # never serve the last values as current

@@ -130,3 +130,24 @@ async def test_run_command_serves_and_stops_on_sigterm(tmp_path: Path, dsn: str,
     assert elapsed < 1.0, f"shutdown took {elapsed:.2f}s"
     assert '"message": "shutting down"' in stderr, "json logs"
     assert "Traceback" not in stderr
+
+
+def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "targets:\n  - name: app\n    preset: procrastinate\n    dsn: postgresql://x@127.0.0.1:1/x\n"
+    )
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "jobqueue_exporter.cli", "run", "--config", str(config)]
+            + ["--listen", f"127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: listen: ") and "address already in use" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -236,6 +236,6 @@ async def test_connect_failures_are_connection_errors(admin_dsn: str) -> None:
         procrastinate_target("refused", f"postgresql://postgres@127.0.0.1:{_closed_port()}/x"),
     )
     for poller in (TargetPoller(config, target) for target in config.targets):
-        with pytest.raises(Exception):
+        with pytest.raises((OSError, asyncpg.PostgresError)):
             await poller.poll_once()
         assert dict(poller.state.errors) == {"connection": 1}, poller.state.last_error

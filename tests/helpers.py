@@ -60,3 +60,20 @@ def value(samples: dict, name: str, **labels: str) -> float:
     found = series(samples, name, **labels)
     assert len(found) == 1, f"expected one {name}{labels}, found {sorted(map(dict, found))}"
     return next(iter(found.values()))
+
+
+def require_binary(name: str) -> str:
+    """Path of a tool the test needs; skipped where it is not installed, but a failure in CI
+    (`.ci/run` installs it), so CI can never pass by skipping."""
+    import os
+    import shutil
+
+    import pytest
+
+    path = shutil.which(name)
+    if path:
+        return path
+    message = f"{name} is not installed (Debian: see .ci/run)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)

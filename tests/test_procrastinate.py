@@ -7,18 +7,13 @@ from __future__ import annotations
 
 import datetime as dt
 import signal
-import subprocess
-import sys
 from collections import Counter
-from pathlib import Path
 
 import asyncpg
 import pytest
 from helpers import make_config, scrape, series, value, wait_for
 from jobqueue_exporter.poll import TargetPoller
-from procrastinate_app import apply_schema
-
-HERE = Path(__file__).parent
+from procrastinate_app import apply_schema, start_worker_process
 
 
 def poller_for(dsn: str, **target) -> TargetPoller:
@@ -216,20 +211,12 @@ async def test_counts_survive_deletion_of_finished_rows(dsn: str, db: asyncpg.Co
     assert value(samples, "jobqueue_jobs", state="pending", kind="ok") == 0
 
 
-def start_worker(dsn: str, *queues: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(HERE / "procrastinate_app.py"), dsn, *queues],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
 async def test_worker_killed_mid_job_makes_a_stale_job(dsn: str, db: asyncpg.Connection) -> None:
     app = await apply_schema(dsn)
     async with app.open_async():
         await app.tasks["slow"].defer_async()
         await app.tasks["slow"].configure(queue="live").defer_async()
-    doomed, alive = start_worker(dsn, "slow"), start_worker(dsn, "live")
+    doomed, alive = start_worker_process(dsn, "slow"), start_worker_process(dsn, "live")
     try:
         await wait_for(
             lambda: db.fetchval(

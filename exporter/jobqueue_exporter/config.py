@@ -277,6 +277,31 @@ class TableMapping(_Strict):
 FinishedCounting = Literal["auto", "on", "off"]
 
 
+class Recovery(_Strict):
+    """Automatic reset of stale jobs (off by default; dry-run by default once enabled)."""
+
+    enabled: bool = False
+    dry_run: bool = True
+    hold_for: Duration = 120.0
+    max_jobs_per_run: int = Field(50, ge=1, le=10000)
+    max_jobs_per_hour: int = Field(500, ge=1, le=1_000_000)
+    queues: list[str] | None = None
+    kinds: list[str] | None = None
+    dsn: str | None = None
+    # for queue systems that rescue stale jobs themselves: act anyway (their sweep is known not to run)
+    override_builtin_rescue: bool = False
+    # generic tables: the native state a recovered job goes back to, and the lock columns to clear
+    reset_state: NativeValue | None = None
+    clear_columns: list[Identifier] = []
+
+    @field_validator("hold_for")
+    @classmethod
+    def _hold(cls, value: float) -> float:
+        if value < 1:
+            raise ValueError("hold_for must be at least 1s, e.g. 2m: the stale condition must hold")
+        return value
+
+
 class Target(_Strict):
     name: str
     dsn: str | None = None
@@ -294,6 +319,7 @@ class Target(_Strict):
     finished_counting: FinishedCounting = "auto"
     count_terminal_states: bool = False
     schema_: Identifier | None = Field(None, alias="schema")
+    recovery: Recovery = Recovery()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -430,8 +456,58 @@ class Target(_Strict):
                     f"{self.schema_!r}: set the schema in one place",
                 )
             )
+        problems += self._recovery_problems()
         _raise_problems(problems)
         return self
+
+    def _recovery_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        recovery = self.recovery
+        if not recovery.enabled or (self.preset is None and self.table is None):
+            return []
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        if self.table is not None:
+            if recovery.reset_state is None:
+                problems.append(
+                    (
+                        ("recovery", "reset_state"),
+                        "required for a table mapping: the native state a stale job goes back to, "
+                        "e.g. reset_state: pending",
+                    )
+                )
+            elif recovery.reset_state not in self.table.state.values_for(
+                "pending", "scheduled", "retrying"
+            ):
+                problems.append(
+                    (
+                        ("recovery", "reset_state"),
+                        f"{recovery.reset_state!r} is not a waiting state of table.state "
+                        "(pending, scheduled or retrying values)",
+                    )
+                )
+            return problems
+        from .presets import PRESETS
+
+        preset = PRESETS.get(self.preset or "")
+        if preset is None or preset.builtin_rescue_after is None:
+            return problems
+        if not recovery.override_builtin_rescue:
+            problems.append(
+                (
+                    ("recovery", "enabled"),
+                    f"{preset.name} rescues stale jobs itself ({preset.self_rescue}); the exporter "
+                    "only reports them. Set recovery.override_builtin_rescue: true only if that "
+                    "rescue does not run",
+                )
+            )
+        elif (self.stale_after or 0) < preset.builtin_rescue_after:
+            problems.append(
+                (
+                    ("stale_after",),
+                    f"with recovery overriding {preset.name}'s own rescue, stale_after must be at "
+                    f"least {preset.builtin_rescue_after:g}s so the queue's own sweep always wins",
+                )
+            )
+        return problems
 
     @property
     def preset_name(self) -> str:

@@ -13,6 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from .poll import TargetState, build_info
+from .recovery import RUN_RESULTS
 from .snapshot import LIVE_STATES, TERMINAL_STATES
 
 POLL_ERROR_REASONS = ("connection", "timeout", "query", "schema")
@@ -93,8 +94,25 @@ class JobQueueCollector(Collector):
             "Jobs that finished since the exporter started, by outcome, counted once each.",
             labels=names("queue", "kind", "outcome"),
         )
+        recovery_runs = CounterMetricFamily(
+            "jobqueue_recovery_runs",
+            "Stale-job recovery runs by result: recovered, dry_run (would have reset jobs), nothing "
+            "(candidates were no longer stale), locked (another replica acted), capped (hourly "
+            "budget used up), error.",
+            labels=names("result"),
+        )
+        recovered = CounterMetricFamily(
+            "jobqueue_recovered_jobs",
+            "Stale jobs reset by automatic recovery (not counting dry runs).",
+            labels=names("queue", "kind"),
+        )
         now = time.time()
         for state in self.states:
+            if state.recovery is not None:
+                for result in RUN_RESULTS:
+                    recovery_runs.add_metric(values(state, result), state.recovery.runs[result])
+                for (queue, kind), count in sorted(state.recovery.recovered.items()):
+                    recovered.add_metric(values(state, queue, kind), count)
             if state.up is not None:
                 up.add_metric(values(state), 1.0 if state.up else 0.0)
             if state.last_success is not None:
@@ -135,3 +153,5 @@ class JobQueueCollector(Collector):
             ratio,
         )
         yield finished
+        yield recovery_runs
+        yield recovered

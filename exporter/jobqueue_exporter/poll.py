@@ -25,6 +25,7 @@ import asyncpg
 from . import __version__
 from .config import CANONICAL_STATES, Config, Target
 from .presets import PRESETS, Preset, generic
+from .recovery import Recoverer, RecoveryState, StaleJob
 from .snapshot import LabelPolicy, SuccessWindow, TargetSnapshot, build_snapshot
 from .watermark import FinishedRow, FinishedTail, SnapshotInfo
 
@@ -55,11 +56,12 @@ class TargetState:
     finished: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     finished_counting: bool = False
     window: SuccessWindow | None = None
+    recovery: RecoveryState | None = None
 
 
 def resolve_preset(target: Target, types: dict[str, generic.ColumnType] | None = None) -> Preset:
     if target.table is not None:
-        return generic.build(target.table, types)
+        return generic.build(target.table, types, target.recovery)
     return PRESETS[target.preset_name]
 
 
@@ -96,6 +98,11 @@ class TargetPoller:
             window=SuccessWindow(target.success_window),
         )
         self.tail: FinishedTail | None = None
+        self.recoverer: Recoverer | None = None
+        self._stale_jobs: list[StaleJob] = []
+        if target.recovery.enabled and self.preset.stale_jobs is not None:
+            self.recoverer = Recoverer(target, self.preset, self.stale_after)
+            self.state.recovery = self.recoverer.state
         self._conn: asyncpg.Connection | None = None
         self._prepared = False
         self._lock = asyncio.Lock()
@@ -130,6 +137,8 @@ class TargetPoller:
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
+        if self.recoverer is not None:
+            await self.recoverer.close()
         if conn is None or conn.is_closed():
             return
         try:
@@ -178,7 +187,9 @@ class TargetPoller:
             raise SchemaProblem(f"target {self.target.name}: " + "; ".join(problems))
         if self.target.table is not None:
             await self._check_enum_values(conn, found[self.target.table.name])
-            self.preset = generic.build(self.target.table, found[self.target.table.name])
+            self.preset = resolve_preset(self.target, found[self.target.table.name])
+            if self.recoverer is not None:
+                self.recoverer.preset = self.preset
         self.state.finished_counting = await self._decide_finished_counting(conn, schema)
 
     async def _check_enum_values(
@@ -283,6 +294,13 @@ class TargetPoller:
                 terminal = await conn.fetch(preset.terminal.sql, *preset.terminal.params)
             if self.state.finished_counting:
                 await self._count_finished(conn, snap)
+            if self.recoverer is not None:
+                stale = preset.stale_jobs
+                assert stale is not None
+                rows = await conn.fetch(stale.sql, self.stale_after, *stale.params)
+                self._stale_jobs = [
+                    StaleJob(r["id"], r["queue"], r["kind"], r["token"]) for r in rows
+                ]
         now = time.time()
         snapshot = build_snapshot(
             self.policy,
@@ -351,6 +369,11 @@ class TargetPoller:
 
     # -- loop -------------------------------------------------------------------------------------
 
+    async def _recover(self, stale: list[StaleJob] | None) -> None:
+        """Hand this poll's stale jobs (None after a failed poll) to recovery, when enabled."""
+        if self.recoverer is not None:
+            await self.recoverer.after_poll(stale)
+
     def next_delay(self) -> float:
         """Regular interval after success; exponential backoff with jitter after failures."""
         if self._failures == 0:
@@ -364,6 +387,7 @@ class TargetPoller:
             started = time.monotonic()
             try:
                 await self.poll_once()
+                await self._recover(self._stale_jobs)
                 if self._failures:
                     log.info(
                         "target %s: polling again after %d failure(s)",
@@ -374,6 +398,7 @@ class TargetPoller:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - an outage must never stop the loop
+                await self._recover(None)
                 self._failures += 1
                 log.warning(
                     "target %s: poll failed (%s)",

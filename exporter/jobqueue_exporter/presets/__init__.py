@@ -15,6 +15,12 @@ Statement contract (all run inside one REPEATABLE READ, READ ONLY transaction pe
     rows ``(key, row_id, finished_at, queue, kind, outcome)`` finished within the window (bounded).
 ``finished_high_sql()``
     for id-keyed tails only: the highest key currently visible (a primary-key lookup).
+``stale_jobs_sql($1 = stale_after seconds)``
+    rows ``(id, queue, kind, token)`` of running jobs meeting the stale rule; ``token`` identifies the
+    claim (owner and attempt), so a job re-claimed in between is never mistaken for the same episode.
+``recover_sql($1 = stale_after, $2 = ids text[], $3 = tokens text[], $4 = limit)``
+    one race-safe UPDATE that puts those jobs back the way the queue system itself does, only if they
+    are still stale with the same token; rows ``(id, queue, kind, state)`` of the jobs it changed.
 """
 
 from __future__ import annotations
@@ -49,6 +55,10 @@ class Preset:
     # (table, column) whose index keeps finished counting cheap; None when the tail is PK-based
     finished_index: tuple[str, str] | None = None
     schema: str | None = None
+    stale_jobs: Statement | None = None
+    recover: Statement | None = None
+    # seconds after which the queue system rescues a stale job itself; None when it never does
+    builtin_rescue_after: float | None = None
     # what the queue system does about stale jobs itself (shown in docs and logs)
     self_rescue: str = ""
     outcomes: tuple[str, ...] = ("succeeded", "failed", "dead", "cancelled")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import TableMapping
+from ..config import Recovery, TableMapping
 from . import Preset, Statement
 
 
@@ -33,7 +33,11 @@ def required_columns(table: TableMapping) -> dict[str, tuple[str, ...]]:
     return {table.name: tuple(dict.fromkeys(c for c in columns if c))}
 
 
-def build(table: TableMapping, types: dict[str, ColumnType] | None = None) -> Preset:
+def build(
+    table: TableMapping,
+    types: dict[str, ColumnType] | None = None,
+    recovery: Recovery | None = None,
+) -> Preset:
     """Build the statements; ``types`` maps column -> type (assumed timestamptz/text when unknown)."""
     types = types or {}
     rel = quote_ident(table.name)
@@ -158,6 +162,44 @@ LIMIT $2
     else:
         tail = backfill = ""
 
+    def cast(name: str, default: str) -> str:
+        known = types.get(name)
+        if known and known.udt_name:
+            return f"{quote_ident(known.udt_schema)}.{quote_ident(known.udt_name)}"
+        return default
+
+    # the claim: when it was taken, and which attempt (both change when the job is claimed again)
+    attempt = f"coalesce({col(table.attempts)}::text, '')" if table.attempts else "''"
+    token = f"coalesce({col(started_src)}::text, '') || ':' || {attempt}"
+    is_stale = f"{state} = ANY({values(5)}) AND {stale}"
+    stale_jobs = f"""
+SELECT {col(table.id)}::text AS id, {queue} AS queue, {kind} AS kind, {token} AS token
+FROM {rel}
+WHERE {state} = ANY({values(2)}) AND {stale}
+"""
+    recover = ""
+    if recovery is not None and recovery.reset_state is not None:
+        assignments = [f"{state} = $6::text::{cast(table.state.column, 'text')}"]
+        assignments += [f"{col(c)} = NULL" for c in recovery.clear_columns]
+        if t.eligible:
+            due_now = "(now() AT TIME ZONE 'UTC')" if naive(t.eligible) else "now()"
+            assignments.append(f"{col(t.eligible)} = {due_now}")
+        recover = f"""
+UPDATE {rel} AS j
+SET {", ".join(assignments)}
+FROM (
+    SELECT j.{col(table.id)} AS id
+    FROM {rel} AS j
+    JOIN unnest($2::text[], $3::text[]) AS c(id, token)
+      ON j.{col(table.id)} = c.id::{cast(table.id, "text")}
+    WHERE {is_stale} AND {token} = c.token
+    LIMIT $4
+    FOR UPDATE OF j SKIP LOCKED
+) AS cand
+WHERE j.{col(table.id)} = cand.id AND {is_stale}
+RETURNING j.{col(table.id)}::text AS id, {queue} AS queue, {kind} AS kind, {state}::text AS state
+"""
+
     return Preset(
         name="generic",
         description=f"generic table mapping for {table.name}",
@@ -172,4 +214,6 @@ LIMIT $2
         schema=table.schema_,
         self_rescue="unknown (generic table)",
         outcomes=("succeeded", "failed", "dead", "cancelled"),
+        stale_jobs=Statement(stale_jobs, (mapping.running,)),
+        recover=Statement(recover, (mapping.running, recovery.reset_state if recovery else None)),
     )

@@ -1,7 +1,7 @@
 """Procrastinate 3.x (``procrastinate_jobs`` + ``procrastinate_events`` + ``procrastinate_workers``).
 
-Cost: live states read only ``todo``/``doing`` rows through the partial indexes
-``procrastinate_jobs_priority_idx_v1`` / ``procrastinate_jobs_id_lock_idx_v1``; finished jobs are counted by
+Cost: live states read only ``todo``/``doing`` rows, through the schema's partial indexes on those
+statuses; finished jobs are counted by
 tailing ``procrastinate_events`` by primary key, so no statement touches finished history.
 """
 
@@ -83,6 +83,46 @@ WHERE e.type IN {_FINISH_EVENTS} AND e.at >= now() - make_interval(secs => $1)
 
 FINISHED_HIGH = "SELECT coalesce(max(id), 0) FROM procrastinate_events"
 
+_STALE = """(w.id IS NULL OR w.last_heartbeat < now() - make_interval(secs => $1))"""
+_TOKEN = "coalesce(j.worker_id::text, '') || ':' || j.attempts"
+
+STALE_JOBS = f"""
+SELECT j.id::text AS id, j.queue_name AS queue, j.task_name AS kind, {_TOKEN} AS token
+FROM procrastinate_jobs j
+LEFT JOIN procrastinate_workers w ON w.id = j.worker_id
+WHERE j.status = 'doing' AND {_STALE}
+"""
+
+# What procrastinate_retry_job_v2 does to a `doing` job (back to `todo`, attempts + 1, due now; `failed`
+# when an abort was requested), as one statement: candidates locked with SKIP LOCKED (never waiting on a
+# worker), the stale rule and the claim token re-checked on the live row, and jobs whose queueing_lock
+# already has a `todo` job left alone (the unique index would reject them).
+RECOVER = f"""
+WITH cand AS (
+    SELECT j.id
+    FROM procrastinate_jobs j
+    JOIN unnest($2::text[], $3::text[]) AS c(id, token) ON j.id = c.id::bigint
+    LEFT JOIN procrastinate_workers w ON w.id = j.worker_id
+    WHERE j.status = 'doing' AND {_TOKEN} = c.token AND {_STALE}
+      AND NOT EXISTS (SELECT 1 FROM procrastinate_jobs t
+                      WHERE j.queueing_lock IS NOT NULL AND t.queueing_lock = j.queueing_lock
+                        AND t.status = 'todo')
+    ORDER BY j.id
+    LIMIT $4
+    FOR UPDATE OF j SKIP LOCKED
+)
+UPDATE procrastinate_jobs j
+SET status = CASE WHEN j.abort_requested THEN 'failed'::procrastinate_job_status
+                  ELSE 'todo'::procrastinate_job_status END,
+    attempts = CASE WHEN j.abort_requested THEN j.attempts ELSE j.attempts + 1 END,
+    scheduled_at = CASE WHEN j.abort_requested THEN j.scheduled_at ELSE now() END
+FROM cand
+WHERE j.id = cand.id AND j.status = 'doing'
+  AND NOT EXISTS (SELECT 1 FROM procrastinate_workers w
+                  WHERE w.id = j.worker_id AND w.last_heartbeat >= now() - make_interval(secs => $1))
+RETURNING j.id::text AS id, j.queue_name AS queue, j.task_name AS kind, j.status::text AS state
+"""
+
 PRESET = Preset(
     name="procrastinate",
     description="Procrastinate 3.x (Python): procrastinate_jobs, procrastinate_events, procrastinate_workers",
@@ -107,6 +147,8 @@ PRESET = Preset(
     finished_tail=Statement(FINISHED_TAIL),
     finished_backfill=Statement(FINISHED_BACKFILL),
     finished_high=Statement(FINISHED_HIGH),
+    stale_jobs=Statement(STALE_JOBS),
+    recover=Statement(RECOVER),
     self_rescue="none: stalled jobs stay 'doing' unless the application retries them",
     outcomes=("succeeded", "failed", "cancelled", "retried"),
 )

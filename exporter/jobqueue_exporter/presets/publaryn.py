@@ -59,6 +59,32 @@ ORDER BY completed_at DESC
 LIMIT $2
 """
 
+_STALE = "j.status = 'running' AND j.locked_until < now() - make_interval(secs => $1)"
+_TOKEN = "coalesce(j.locked_by, '') || ':' || j.attempts"
+
+STALE_JOBS = f"""
+SELECT j.id::text AS id, 'default' AS queue, j.kind::text AS kind, {_TOKEN} AS token
+FROM background_jobs j
+WHERE {_STALE}
+"""
+
+# The workers' own recover_stale_jobs sweep, batched and re-checked on the live row.
+RECOVER = f"""
+UPDATE background_jobs j
+SET status = 'pending', locked_until = NULL, locked_by = NULL, started_at = NULL, scheduled_at = now()
+FROM (
+    SELECT j.id
+    FROM background_jobs j
+    JOIN unnest($2::text[], $3::text[]) AS c(id, token) ON j.id = c.id::uuid
+    WHERE {_STALE} AND {_TOKEN} = c.token
+    ORDER BY j.locked_until
+    LIMIT $4
+    FOR UPDATE OF j SKIP LOCKED
+) AS cand
+WHERE j.id = cand.id AND {_STALE}
+RETURNING j.id::text AS id, 'default' AS queue, j.kind::text AS kind, j.status::text AS state
+"""
+
 PRESET = Preset(
     name="publaryn",
     description="Publaryn-style background_jobs table (status enum, locked_until lease, no queue column)",
@@ -83,6 +109,10 @@ PRESET = Preset(
     finished_tail=Statement(FINISHED_TAIL),
     finished_backfill=Statement(FINISHED_BACKFILL),
     finished_index=("background_jobs", "completed_at"),
+    stale_jobs=Statement(STALE_JOBS),
+    recover=Statement(RECOVER),
+    # every worker resets expired leases every 60 s
+    builtin_rescue_after=60.0,
     self_rescue="every worker resets running jobs whose lease expired, every 60 s",
     outcomes=("succeeded", "failed", "dead"),
 )

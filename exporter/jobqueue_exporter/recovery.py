@@ -1,0 +1,220 @@
+"""Stale-job recovery: reset jobs abandoned by their workers, the way the queue system itself would.
+
+Safety, in the order things happen:
+
+* only jobs seen stale at *every* poll for ``hold_for``, with the same claim token (owner + attempt), are
+  candidates; a failed poll forgets everything, because continuity can no longer be shown;
+* one replica acts at a time per target (a transaction-level advisory lock; the others skip);
+* the preset's single UPDATE re-checks the stale rule and the token on the live row, locks candidates
+  with SKIP LOCKED, and is capped per run and per hour;
+* a dry run executes the very same statement and rolls it back, so it reports exactly what would change.
+
+Every run logs one structured line and updates ``jobqueue_recovery_runs_total`` /
+``jobqueue_recovered_jobs_total``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from .config import Recovery, Target
+from .presets import Preset
+
+log = logging.getLogger(__name__)
+
+RUN_RESULTS = ("recovered", "dry_run", "nothing", "locked", "capped", "error")
+HOUR = 3600.0
+
+
+@dataclass(frozen=True)
+class StaleJob:
+    id: str
+    queue: str
+    kind: str
+    token: str
+
+
+@dataclass
+class RecoveryState:
+    """What the metrics layer reads."""
+
+    runs: Counter[str] = field(default_factory=Counter)
+    recovered: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+
+class HoldTracker:
+    """Remembers since when each job has been stale under the same claim token."""
+
+    def __init__(self, hold_for: float):
+        self.hold_for = hold_for
+        self._since: dict[str, tuple[str, float]] = {}
+
+    def observe(self, jobs: list[StaleJob], now: float) -> list[StaleJob]:
+        """Record this poll's stale jobs; return those stale for at least hold_for."""
+        since = {}
+        for job in jobs:
+            token, first = self._since.get(job.id, (job.token, now))
+            since[job.id] = (job.token, first if token == job.token else now)
+        self._since = since
+        return [job for job in jobs if now - self._since[job.id][1] >= self.hold_for]
+
+    def forget(self, ids: list[str] | None = None) -> None:
+        if ids is None:
+            self._since.clear()
+        for job_id in ids or ():
+            self._since.pop(job_id, None)
+
+
+class Recoverer:
+    def __init__(self, target: Target, preset: Preset, stale_after: float):
+        self.target = target
+        self.config: Recovery = target.recovery
+        self.preset = preset
+        self.stale_after = stale_after
+        self.tracker = HoldTracker(self.config.hold_for)
+        self.state = RecoveryState()
+        self._recent: deque[tuple[float, int]] = deque()  # (when, jobs) of the last hour
+        self._conn: asyncpg.Connection | None = None
+        # one lock id per target, the same in every replica
+        self.lock_key = f"jobqueue-exporter/recovery/{target.name}"
+
+    def eligible(self, job: StaleJob) -> bool:
+        allowed_queues, allowed_kinds = self.config.queues, self.config.kinds
+        return (allowed_queues is None or job.queue in allowed_queues) and (
+            allowed_kinds is None or job.kind in allowed_kinds
+        )
+
+    def budget(self, now: float) -> int:
+        while self._recent and self._recent[0][0] <= now - HOUR:
+            self._recent.popleft()
+        used = sum(jobs for _, jobs in self._recent)
+        return max(0, min(self.config.max_jobs_per_run, self.config.max_jobs_per_hour - used))
+
+    async def _connection(self) -> asyncpg.Connection:
+        if self._conn is None or self._conn.is_closed():
+            timeout_ms = int(self.target.statement_timeout * 1000)
+            self._conn = await asyncpg.connect(
+                self.config.dsn or self.target.resolve_dsn(),
+                timeout=10.0,
+                command_timeout=self.target.statement_timeout + 5.0,
+                server_settings={
+                    "application_name": f"jobqueue-exporter/{self.target.name}/recovery"[:63],
+                    "statement_timeout": str(timeout_ms),
+                    "lock_timeout": str(int(self.target.lock_timeout * 1000)),
+                    "idle_in_transaction_session_timeout": str(timeout_ms * 2 + 1000),
+                },
+            )
+        return self._conn
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            try:
+                await asyncio.wait_for(conn.close(), timeout=2.0)
+            except BaseException:
+                conn.terminate()
+
+    async def after_poll(
+        self, stale: list[StaleJob] | None, now: float | None = None
+    ) -> str | None:
+        """Feed one poll's stale jobs (None: the poll failed); run recovery when candidates are due."""
+        now = time.time() if now is None else now
+        if stale is None:
+            self.tracker.forget()
+            return None
+        candidates = [job for job in self.tracker.observe(stale, now) if self.eligible(job)]
+        if not candidates:
+            return None
+        return await self.run(candidates, now)
+
+    async def run(self, candidates: list[StaleJob], now: float) -> str:
+        limit = self.budget(now)
+        if limit == 0:
+            return self._record("capped", candidates, [])
+        statement = self.preset.recover
+        assert statement is not None and statement.sql
+        try:
+            conn = await self._connection()
+            transaction = conn.transaction()
+            await transaction.start()
+            try:
+                got_lock = await conn.fetchval(
+                    "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))", self.lock_key
+                )
+                rows = []
+                if got_lock:
+                    rows = await conn.fetch(
+                        statement.sql,
+                        self.stale_after,
+                        [job.id for job in candidates],
+                        [job.token for job in candidates],
+                        limit,
+                        *statement.params,
+                    )
+            except BaseException:
+                await transaction.rollback()
+                raise
+            if self.config.dry_run or not got_lock:
+                await transaction.rollback()
+            else:
+                await transaction.commit()
+        except (
+            OSError,
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            asyncio.TimeoutError,
+        ) as exc:
+            # a failed transaction changed nothing, or (connection lost during COMMIT) either changed
+            # every row or none: a job is never half-reset, and the next polls show which
+            await self.close()
+            return self._record("error", candidates, [], error=str(exc))
+        if not got_lock:
+            return self._record("locked", candidates, [])
+        changed = [dict(row) for row in rows]
+        if not changed:
+            return self._record("nothing", candidates, [])
+        if self.config.dry_run:
+            return self._record("dry_run", candidates, changed)
+        self._recent.append((now, len(changed)))
+        self.tracker.forget([row["id"] for row in changed])
+        for row in changed:
+            self.state.recovered[(row["queue"], row["kind"])] += 1
+        return self._record("recovered", candidates, changed)
+
+    def _record(
+        self, result: str, candidates: list[StaleJob], changed: list[dict], error: str | None = None
+    ) -> str:
+        self.state.runs[result] += 1
+        level = logging.WARNING if result in ("error", "capped") else logging.INFO
+        by_group: dict[tuple[str, str], list[str]] = {}
+        for row in changed:
+            by_group.setdefault((row["queue"], row["kind"]), []).append(row["id"])
+        log.log(
+            level,
+            "recovery on target %s: %s (%d candidate(s), %d job(s) %s)",
+            self.target.name,
+            result,
+            len(candidates),
+            len(changed),
+            "would be reset" if self.config.dry_run else "reset",
+            extra={
+                "event": "recovery",
+                "target": self.target.name,
+                "result": result,
+                "dry_run": self.config.dry_run,
+                "candidates": [job.id for job in candidates],
+                "jobs": [
+                    {"queue": queue, "kind": kind, "ids": ids}
+                    for (queue, kind), ids in sorted(by_group.items())
+                ],
+                "new_states": sorted({row["state"] for row in changed}),
+                **({"error": error} if error else {}),
+            },
+        )
+        return result

@@ -7,13 +7,13 @@ to run against an existing server instead.
 
 from __future__ import annotations
 
+import asyncio
 import os
-import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import pytest
-from helpers import with_database
+from helpers import create_database, drop_database, with_database
 from jobqueue_exporter.embedded import EmbeddedPostgres
 
 
@@ -30,24 +30,6 @@ def admin_dsn() -> Iterator[str]:
         server.cleanup()
 
 
-async def create_database(admin: str) -> str:
-    name = f"jqtest_{uuid.uuid4().hex[:12]}"
-    conn = await asyncpg.connect(admin)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return name
-
-
-async def drop_database(admin: str, name: str) -> None:
-    conn = await asyncpg.connect(admin)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
 @pytest.fixture
 async def dsn(admin_dsn: str) -> AsyncIterator[str]:
     """DSN of a brand-new, empty database, dropped after the test."""
@@ -56,6 +38,16 @@ async def dsn(admin_dsn: str) -> AsyncIterator[str]:
         yield with_database(admin_dsn, name)
     finally:
         await drop_database(admin_dsn, name)
+
+
+@pytest.fixture
+async def own_server() -> AsyncIterator[EmbeddedPostgres]:
+    """A server of the test's own (always embedded), so the test may stop and restart it."""
+    server = await asyncio.to_thread(EmbeddedPostgres().start)
+    try:
+        yield server
+    finally:
+        await asyncio.to_thread(server.cleanup)
 
 
 @pytest.fixture

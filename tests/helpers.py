@@ -13,6 +13,32 @@ def with_database(dsn: str, database: str) -> str:
     return urlunsplit(parts._replace(path="/" + database))
 
 
+async def create_database(admin_dsn: str, prefix: str = "jqtest") -> str:
+    import uuid
+
+    import asyncpg
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return name
+
+
+async def drop_database(admin_dsn: str, name: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        # a test may have closed the database to connections (a target made unreachable)
+        await conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
 def make_config(*targets: dict, **global_settings) -> Config:
     return load_config_data({"targets": list(targets), **global_settings})
 

@@ -15,7 +15,6 @@ import logging
 import re
 import socket
 import subprocess
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,14 @@ import pytest_asyncio
 import yaml
 from aiohttp import web
 from e2e_rules import fast_rules, parse_duration
-from helpers import make_config, require_binary, wait_for, with_database
+from helpers import (
+    create_database,
+    drop_database,
+    make_config,
+    require_binary,
+    wait_for,
+    with_database,
+)
 from jobqueue_exporter.cli import Exporter
 from procrastinate_app import apply_schema, make_app
 
@@ -197,25 +203,6 @@ async def _ready(stack: Stack, url: str) -> bool:
         return False
 
 
-async def _create_database(admin_dsn: str, prefix: str) -> str:
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return name
-
-
-async def _drop_database(admin_dsn: str, name: str) -> None:
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
 def _write_configs(tmp: Path, exporter_port: int, am_port: int, hook_port: int) -> Path:
     rules_file = tmp / "rules-e2e.yaml"
     rules_file.write_text(
@@ -270,10 +257,10 @@ async def stack(admin_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Asy
         worker_log = logging.getLogger("procrastinate")
         cleanup.callback(worker_log.setLevel, worker_log.level)
         worker_log.setLevel(logging.CRITICAL)
-        app_db = await _create_database(admin_dsn, "jqe2e_app")
-        cleanup.push_async_callback(_drop_database, admin_dsn, app_db)
-        gate_db = await _create_database(admin_dsn, "jqe2e_gate")
-        cleanup.push_async_callback(_drop_database, admin_dsn, gate_db)
+        app_db = await create_database(admin_dsn, "jqe2e_app")
+        cleanup.push_async_callback(drop_database, admin_dsn, app_db)
+        gate_db = await create_database(admin_dsn, "jqe2e_gate")
+        cleanup.push_async_callback(drop_database, admin_dsn, gate_db)
         app_dsn = with_database(admin_dsn, app_db)
         await apply_schema(app_dsn)
         await apply_schema(with_database(admin_dsn, gate_db))

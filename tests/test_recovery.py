@@ -257,15 +257,6 @@ async def test_read_only_metrics_role_and_separate_recovery_role(
         await db.execute(f"DROP OWNED BY {reader}, {fixer}; DROP ROLE {reader}; DROP ROLE {fixer}")
 
 
-@pytest.fixture
-async def own_server():
-    server = await asyncio.to_thread(EmbeddedPostgres().start)
-    try:
-        yield server
-    finally:
-        await asyncio.to_thread(server.cleanup)
-
-
 async def test_restart_during_a_recovery_run_loses_nothing(
     own_server: EmbeddedPostgres, tmp_path: Path
 ) -> None:

@@ -25,16 +25,6 @@ async def exporter_connections(admin: asyncpg.Connection, target: str) -> int:
     )
 
 
-@pytest.fixture
-async def own_server():
-    """A server of our own, so the test may stop and start it."""
-    server = await asyncio.to_thread(EmbeddedPostgres().start)
-    try:
-        yield server
-    finally:
-        await asyncio.to_thread(server.cleanup)
-
-
 async def test_database_restart_mid_run(own_server: EmbeddedPostgres) -> None:
     dsn = own_server.dsn()
     app = await apply_schema(dsn)

@@ -38,6 +38,13 @@ def make_app(dsn: str) -> procrastinate.App:
     async def retry_later(n: int = 0) -> None:
         raise ValueError("fails; next attempt in an hour")
 
+    @app.task(name="fail_until", queue="default")
+    async def fail_until(path: str) -> str:
+        # fails until the test creates the file: a job an operator retries once the cause is fixed
+        if not os.path.exists(path):
+            raise ValueError(f"{path} is missing")
+        return path
+
     @app.task(name="gate", queue="gated")
     async def gate(path: str) -> str:
         # runs until the test opens the gate (creates the file)

@@ -1,4 +1,5 @@
-"""Command line: ``run``, ``check``, ``once`` and ``demo``. User errors print a message, never a traceback."""
+"""Command line: ``run``, ``check``, ``once``, ``demo`` and the operator commands (``jobs``,
+``recover-stale``, ``retry``, ``purge``; see operate.py). User errors print a message, never a traceback."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
-from . import __version__
-from .config import Config, ConfigError, load_config, parse_listen
+from . import __version__, operate
+from .config import CANONICAL_STATES, Config, ConfigError, load_config, parse_listen
 from .http import make_app
 from .logs import setup_logging
 from .metrics import JobQueueCollector
@@ -176,7 +177,56 @@ def parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--duration", type=float, default=None, help="stop after N seconds")
     demo.set_defaults(func=_cmd_demo)
+    _operator_parsers(sub)
     return p
+
+
+def _operator_parsers(sub: argparse._SubParsersAction) -> None:
+    """Manual commands on one target's jobs; the mutating ones are dry runs unless given --yes."""
+
+    def command(
+        name: str, summary: str, func: Callable[[argparse.Namespace], int], mutating: bool = True
+    ) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=summary)
+        cmd.add_argument("--config", required=True, help="YAML config file")
+        cmd.add_argument("--target", required=True, help="name of the target to act on")
+        cmd.add_argument("--json", action="store_true", help="machine-readable output")
+        if mutating:
+            cmd.add_argument("--yes", action="store_true", help="act (default: dry run)")
+        cmd.set_defaults(func=func)
+        return cmd
+
+    def filters(cmd: argparse.ArgumentParser, limit_help: str) -> None:
+        cmd.add_argument("--queue", help="only this queue")
+        cmd.add_argument("--kind", help="only this job kind")
+        cmd.add_argument("--limit", type=operate.positive_int, help=limit_help)
+
+    jobs = command("jobs", "list jobs with state, staleness and a hint", operate.cmd_jobs, False)
+    jobs.add_argument(
+        "--state",
+        action="append",
+        choices=CANONICAL_STATES,
+        help="canonical state, repeatable (default: every state but succeeded and cancelled)",
+    )
+    filters(jobs, "at most N jobs (default 50)")
+    jobs.set_defaults(limit=50)
+    recover = command(
+        "recover-stale", "reset stale running jobs as the queue would", operate.cmd_recover_stale
+    )
+    filters(recover, "at most N jobs (default: recovery.max_jobs_per_run)")
+    retry = command("retry", "put failed/dead jobs back to pending", operate.cmd_retry)
+    retry.add_argument("job_id", nargs="?", metavar="JOB_ID", help="the job to retry")
+    retry.add_argument("--all-failed", action="store_true", help="every retryable job (filtered)")
+    filters(retry, f"with --all-failed: at most N jobs (default {operate.DEFAULT_RETRY_LIMIT})")
+    retry.add_argument("--to", help="table mappings: the native waiting state to put jobs in")
+    purge = command("purge", "delete old finished jobs in batches", operate.cmd_purge)
+    purge.add_argument("--older-than", required=True, help="age of the finished jobs, e.g. 30d")
+    purge.add_argument(
+        "--include-failed", action="store_true", help="also failed/dead/cancelled jobs"
+    )
+    purge.add_argument(
+        "--batch", type=operate.positive_int, default=1000, help="rows per transaction (1000)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

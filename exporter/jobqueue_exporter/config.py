@@ -485,29 +485,34 @@ class Target(_Strict):
                     )
                 )
             return problems
+        return self.builtin_rescue_problems()
+
+    def builtin_rescue_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """Why resetting stale jobs would race the queue system's own rescue (empty: it would not).
+        The rule for automatic recovery and for the ``recover-stale`` command alike."""
         from .presets import PRESETS
 
         preset = PRESETS.get(self.preset or "")
         if preset is None or preset.builtin_rescue_after is None:
-            return problems
-        if not recovery.override_builtin_rescue:
-            problems.append(
+            return []
+        if not self.recovery.override_builtin_rescue:
+            return [
                 (
                     ("recovery", "enabled"),
                     f"{preset.name} rescues stale jobs itself ({preset.self_rescue}); the exporter "
                     "only reports them. Set recovery.override_builtin_rescue: true only if that "
                     "rescue does not run",
                 )
-            )
-        elif (self.stale_after or 0) < preset.builtin_rescue_after:
-            problems.append(
+            ]
+        if (self.stale_after or 0) < preset.builtin_rescue_after:
+            return [
                 (
                     ("stale_after",),
                     f"with recovery overriding {preset.name}'s own rescue, stale_after must be at "
                     f"least {preset.builtin_rescue_after:g}s so the queue's own sweep always wins",
                 )
-            )
-        return problems
+            ]
+        return []
 
     @property
     def preset_name(self) -> str:

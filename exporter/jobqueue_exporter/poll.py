@@ -65,6 +65,11 @@ def resolve_preset(target: Target, types: dict[str, generic.ColumnType] | None =
     return PRESETS[target.preset_name]
 
 
+def stale_after_for(target: Target, preset: Preset) -> float:
+    """Seconds after which a running job counts as stale: the target's setting, else the preset's."""
+    return target.stale_after if target.stale_after is not None else preset.default_stale_after
+
+
 def _classify(exc: BaseException, connecting: bool) -> str:
     if isinstance(exc, SchemaProblem):
         return "schema"
@@ -80,16 +85,80 @@ def _classify(exc: BaseException, connecting: bool) -> str:
     return "query"
 
 
+async def check_schema(conn: asyncpg.Connection, target: Target, preset: Preset) -> Preset:
+    """Check the preset's tables and columns exist (SchemaProblem naming what is missing) and return the
+    preset to use: for a table mapping, rebuilt with the columns' real types."""
+    schema = target.schema_ or preset.schema
+    # to_regclass resolves unqualified names through search_path, as the statements will
+    rows = await conn.fetch(
+        """
+        SELECT t.name AS table_name, a.attname AS column_name,
+               format_type(a.atttypid, NULL) AS data_type,
+               n.nspname AS udt_schema, ty.typname AS udt_name
+        FROM unnest($1::text[]) AS t(name)
+        JOIN pg_class c ON c.oid = to_regclass(
+            CASE WHEN $2::text IS NULL THEN quote_ident(t.name)
+                 ELSE quote_ident($2::text) || '.' || quote_ident(t.name) END)
+        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+        JOIN pg_type ty ON ty.oid = a.atttypid
+        JOIN pg_namespace n ON n.oid = ty.typnamespace
+        """,
+        list(preset.required_columns),
+        schema,
+    )
+    found: dict[str, dict[str, generic.ColumnType]] = {}
+    for row in rows:
+        found.setdefault(row["table_name"], {})[row["column_name"]] = generic.ColumnType(
+            row["data_type"], row["udt_schema"], row["udt_name"]
+        )
+    problems = []
+    where = f"schema {schema}" if schema else "the search_path"
+    for table, columns in preset.required_columns.items():
+        if table not in found:
+            problems.append(f"table {table!r} not found in {where}")
+            continue
+        missing = [c for c in columns if c not in found[table]]
+        for column in missing:
+            problems.append(
+                f"table {table!r} has no column {column!r} (columns: {', '.join(sorted(found[table]))})"
+            )
+    if problems:
+        raise SchemaProblem(f"target {target.name}: " + "; ".join(problems))
+    if target.table is None:
+        return preset
+    await _check_enum_values(conn, target, found[target.table.name])
+    return resolve_preset(target, found[target.table.name])
+
+
+async def _check_enum_values(
+    conn: asyncpg.Connection, target: Target, columns: dict[str, generic.ColumnType]
+) -> None:
+    """A mapped value that is not a label of an enum state column would fail every poll."""
+    mapping = target.table.state  # type: ignore[union-attr]
+    column = columns[mapping.column]
+    labels = await conn.fetchval(
+        "SELECT array_agg(e.enumlabel ORDER BY e.enumsortorder) FROM pg_enum e"
+        " JOIN pg_type t ON t.oid = e.enumtypid JOIN pg_namespace n ON n.oid = t.typnamespace"
+        " WHERE n.nspname = $1 AND t.typname = $2",
+        column.udt_schema,
+        column.udt_name,
+    )
+    if labels is None:
+        return
+    unknown = [str(v) for v in mapping.values_for(*CANONICAL_STATES) if str(v) not in labels]
+    if unknown:
+        raise SchemaProblem(
+            f"target {target.name}: state value(s) {', '.join(map(repr, unknown))} are not "
+            f"labels of enum {column.udt_name} (labels: {', '.join(labels)})"
+        )
+
+
 class TargetPoller:
     def __init__(self, config: Config, target: Target):
         self.target = target
         self.interval = config.interval_for(target)
         self.preset = resolve_preset(target)
-        self.stale_after = (
-            target.stale_after
-            if target.stale_after is not None
-            else self.preset.default_stale_after
-        )
+        self.stale_after = stale_after_for(target, self.preset)
         self.policy = LabelPolicy(target.queues, target.max_kinds_per_queue)
         self.state = TargetState(
             name=target.name,
@@ -148,71 +217,11 @@ class TargetPoller:
 
     async def _prepare(self, conn: asyncpg.Connection) -> None:
         """Check tables/columns exist, build generic SQL with real column types, decide counting."""
-        preset = self.preset
-        schema = self.target.schema_ or preset.schema
-        # to_regclass resolves unqualified names through search_path, as the statements will
-        rows = await conn.fetch(
-            """
-            SELECT t.name AS table_name, a.attname AS column_name,
-                   format_type(a.atttypid, NULL) AS data_type,
-                   n.nspname AS udt_schema, ty.typname AS udt_name
-            FROM unnest($1::text[]) AS t(name)
-            JOIN pg_class c ON c.oid = to_regclass(
-                CASE WHEN $2::text IS NULL THEN quote_ident(t.name)
-                     ELSE quote_ident($2::text) || '.' || quote_ident(t.name) END)
-            JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-            JOIN pg_type ty ON ty.oid = a.atttypid
-            JOIN pg_namespace n ON n.oid = ty.typnamespace
-            """,
-            list(preset.required_columns),
-            schema,
-        )
-        found: dict[str, dict[str, generic.ColumnType]] = {}
-        for row in rows:
-            found.setdefault(row["table_name"], {})[row["column_name"]] = generic.ColumnType(
-                row["data_type"], row["udt_schema"], row["udt_name"]
-            )
-        problems = []
-        where = f"schema {schema}" if schema else "the search_path"
-        for table, columns in preset.required_columns.items():
-            if table not in found:
-                problems.append(f"table {table!r} not found in {where}")
-                continue
-            missing = [c for c in columns if c not in found[table]]
-            for column in missing:
-                problems.append(
-                    f"table {table!r} has no column {column!r} (columns: {', '.join(sorted(found[table]))})"
-                )
-        if problems:
-            raise SchemaProblem(f"target {self.target.name}: " + "; ".join(problems))
-        if self.target.table is not None:
-            await self._check_enum_values(conn, found[self.target.table.name])
-            self.preset = resolve_preset(self.target, found[self.target.table.name])
-            if self.recoverer is not None:
-                self.recoverer.preset = self.preset
+        self.preset = await check_schema(conn, self.target, self.preset)
+        if self.recoverer is not None:
+            self.recoverer.preset = self.preset
+        schema = self.target.schema_ or self.preset.schema
         self.state.finished_counting = await self._decide_finished_counting(conn, schema)
-
-    async def _check_enum_values(
-        self, conn: asyncpg.Connection, columns: dict[str, generic.ColumnType]
-    ) -> None:
-        """A mapped value that is not a label of an enum state column would fail every poll."""
-        mapping = self.target.table.state  # type: ignore[union-attr]
-        column = columns[mapping.column]
-        labels = await conn.fetchval(
-            "SELECT array_agg(e.enumlabel ORDER BY e.enumsortorder) FROM pg_enum e"
-            " JOIN pg_type t ON t.oid = e.enumtypid JOIN pg_namespace n ON n.oid = t.typnamespace"
-            " WHERE n.nspname = $1 AND t.typname = $2",
-            column.udt_schema,
-            column.udt_name,
-        )
-        if labels is None:
-            return
-        unknown = [str(v) for v in mapping.values_for(*CANONICAL_STATES) if str(v) not in labels]
-        if unknown:
-            raise SchemaProblem(
-                f"target {self.target.name}: state value(s) {', '.join(map(repr, unknown))} are not "
-                f"labels of enum {column.udt_name} (labels: {', '.join(labels)})"
-            )
 
     async def _decide_finished_counting(self, conn: asyncpg.Connection, schema: str | None) -> bool:
         preset, mode = self.preset, self.target.finished_counting

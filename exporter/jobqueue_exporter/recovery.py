@@ -30,6 +30,79 @@ log = logging.getLogger(__name__)
 
 RUN_RESULTS = ("recovered", "dry_run", "nothing", "locked", "capped", "error")
 HOUR = 3600.0
+# job ids listed in one log line; the rest are counted in `ids_omitted`
+MAX_LOGGED_IDS = 1000
+
+
+async def connect_rw(target: Target, role: str, schema: str | None = None) -> asyncpg.Connection:
+    """A read-write session for acting on jobs: ``recovery.dsn`` if set, else the target's DSN, with the
+    target's timeouts and ``application_name`` ``jobqueue-exporter/<target>/<role>``."""
+    timeout_ms = int(target.statement_timeout * 1000)
+    settings = {
+        "application_name": f"jobqueue-exporter/{target.name}/{role}"[:63],
+        "statement_timeout": str(timeout_ms),
+        "lock_timeout": str(int(target.lock_timeout * 1000)),
+        "idle_in_transaction_session_timeout": str(timeout_ms * 2 + 1000),
+    }
+    schema = target.schema_ or schema
+    if schema:
+        settings["search_path"] = '"' + schema.replace('"', '""') + '"'
+    return await asyncpg.connect(
+        target.recovery.dsn or target.resolve_dsn(),
+        timeout=10.0,
+        command_timeout=target.statement_timeout + 5.0,
+        server_settings=settings,
+    )
+
+
+def record_run(
+    event: str,
+    target: str,
+    result: str,
+    *,
+    dry_run: bool,
+    changed: list[dict],
+    candidates: list[str] | None = None,
+    verb: str = "reset",
+    total: int | None = None,
+    error: str | None = None,
+    **fields: object,
+) -> None:
+    """One structured log line per run that changes (or would change) jobs: automatic recovery and the
+    manual operator commands alike. ``changed`` rows carry ``id``, ``queue``, ``kind`` and ``state``;
+    ``total`` counts them when only some are passed (ids beyond MAX_LOGGED_IDS are counted, not listed)."""
+    total = len(changed) if total is None else total
+    by_group: dict[tuple[str, str], list[str]] = {}
+    for row in changed[:MAX_LOGGED_IDS]:
+        by_group.setdefault((row["queue"], row["kind"]), []).append(row["id"])
+    omitted = total - min(len(changed), MAX_LOGGED_IDS)
+    level = logging.WARNING if result in ("error", "capped") else logging.INFO
+    considered = "" if candidates is None else f"{len(candidates)} candidate(s), "
+    log.log(
+        level,
+        "%s on target %s: %s (%s%d job(s) %s)",
+        event,
+        target,
+        result,
+        considered,
+        total,
+        f"would be {verb}" if dry_run else verb,
+        extra={
+            "event": event,
+            "target": target,
+            "result": result,
+            "dry_run": dry_run,
+            "candidates": list(candidates or ()),
+            "jobs": [
+                {"queue": queue, "kind": kind, "ids": ids}
+                for (queue, kind), ids in sorted(by_group.items())
+            ],
+            "new_states": sorted({row["state"] for row in changed}),
+            **({"ids_omitted": omitted} if omitted > 0 else {}),
+            **({"error": error} if error else {}),
+            **fields,
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -72,16 +145,36 @@ class HoldTracker:
 
 
 class Recoverer:
-    def __init__(self, target: Target, preset: Preset, stale_after: float):
+    """Resets stale jobs with the preset's ``recover`` statement under the target's advisory lock.
+
+    The exporter's poll loop feeds it through :meth:`after_poll` (hold window, caps, ``recovery.dry_run``);
+    the ``recover-stale`` command calls :meth:`run` directly with ``event="manual_recover_stale"``, its
+    own ``dry_run``, connection and limit.
+    """
+
+    def __init__(
+        self,
+        target: Target,
+        preset: Preset,
+        stale_after: float,
+        *,
+        event: str = "recovery",
+        dry_run: bool | None = None,
+        conn: asyncpg.Connection | None = None,
+    ):
         self.target = target
         self.config: Recovery = target.recovery
         self.preset = preset
         self.stale_after = stale_after
+        self.event = event
+        self.dry_run = self.config.dry_run if dry_run is None else dry_run
         self.tracker = HoldTracker(self.config.hold_for)
         self.state = RecoveryState()
+        self.last_changed: list[dict] = []  # rows the last run reset (or would have, in a dry run)
+        self.last_error: str | None = None
         self._recent: deque[tuple[float, int]] = deque()  # (when, jobs) of the last hour
-        self._conn: asyncpg.Connection | None = None
-        # one lock id per target, the same in every replica
+        self._conn: asyncpg.Connection | None = conn
+        # one lock id per target, the same in every replica and for the manual command
         self.lock_key = f"jobqueue-exporter/recovery/{target.name}"
 
     def eligible(self, job: StaleJob) -> bool:
@@ -98,18 +191,7 @@ class Recoverer:
 
     async def _connection(self) -> asyncpg.Connection:
         if self._conn is None or self._conn.is_closed():
-            timeout_ms = int(self.target.statement_timeout * 1000)
-            self._conn = await asyncpg.connect(
-                self.config.dsn or self.target.resolve_dsn(),
-                timeout=10.0,
-                command_timeout=self.target.statement_timeout + 5.0,
-                server_settings={
-                    "application_name": f"jobqueue-exporter/{self.target.name}/recovery"[:63],
-                    "statement_timeout": str(timeout_ms),
-                    "lock_timeout": str(int(self.target.lock_timeout * 1000)),
-                    "idle_in_transaction_session_timeout": str(timeout_ms * 2 + 1000),
-                },
-            )
+            self._conn = await connect_rw(self.target, "recovery", self.preset.schema)
         return self._conn
 
     async def close(self) -> None:
@@ -133,8 +215,10 @@ class Recoverer:
             return None
         return await self.run(candidates, now)
 
-    async def run(self, candidates: list[StaleJob], now: float) -> str:
-        limit = self.budget(now)
+    async def run(self, candidates: list[StaleJob], now: float, limit: int | None = None) -> str:
+        """Reset those candidates still stale under the same claim; ``limit`` replaces the caps."""
+        self.last_changed, self.last_error = [], None
+        limit = self.budget(now) if limit is None else limit
         if limit == 0:
             return self._record("capped", candidates, [])
         statement = self.preset.recover
@@ -160,7 +244,7 @@ class Recoverer:
             except BaseException:
                 await transaction.rollback()
                 raise
-            if self.config.dry_run or not got_lock:
+            if self.dry_run or not got_lock:
                 await transaction.rollback()
             else:
                 await transaction.commit()
@@ -173,13 +257,14 @@ class Recoverer:
             # a failed transaction changed nothing, or (connection lost during COMMIT) either changed
             # every row or none: a job is never half-reset, and the next polls show which
             await self.close()
-            return self._record("error", candidates, [], error=str(exc))
+            self.last_error = str(exc) or type(exc).__name__
+            return self._record("error", candidates, [], error=self.last_error)
         if not got_lock:
             return self._record("locked", candidates, [])
-        changed = [dict(row) for row in rows]
+        changed = self.last_changed = [dict(row) for row in rows]
         if not changed:
             return self._record("nothing", candidates, [])
-        if self.config.dry_run:
+        if self.dry_run:
             return self._record("dry_run", candidates, changed)
         self._recent.append((now, len(changed)))
         self.tracker.forget([row["id"] for row in changed])
@@ -191,30 +276,13 @@ class Recoverer:
         self, result: str, candidates: list[StaleJob], changed: list[dict], error: str | None = None
     ) -> str:
         self.state.runs[result] += 1
-        level = logging.WARNING if result in ("error", "capped") else logging.INFO
-        by_group: dict[tuple[str, str], list[str]] = {}
-        for row in changed:
-            by_group.setdefault((row["queue"], row["kind"]), []).append(row["id"])
-        log.log(
-            level,
-            "recovery on target %s: %s (%d candidate(s), %d job(s) %s)",
+        record_run(
+            self.event,
             self.target.name,
             result,
-            len(candidates),
-            len(changed),
-            "would be reset" if self.config.dry_run else "reset",
-            extra={
-                "event": "recovery",
-                "target": self.target.name,
-                "result": result,
-                "dry_run": self.config.dry_run,
-                "candidates": [job.id for job in candidates],
-                "jobs": [
-                    {"queue": queue, "kind": kind, "ids": ids}
-                    for (queue, kind), ids in sorted(by_group.items())
-                ],
-                "new_states": sorted({row["state"] for row in changed}),
-                **({"error": error} if error else {}),
-            },
+            dry_run=self.dry_run,
+            changed=changed,
+            candidates=[job.id for job in candidates],
+            error=error,
         )
         return result

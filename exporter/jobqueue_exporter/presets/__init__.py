@@ -21,6 +21,29 @@ Statement contract (all run inside one REPEATABLE READ, READ ONLY transaction pe
 ``recover_sql($1 = stale_after, $2 = ids text[], $3 = tokens text[], $4 = limit)``
     one race-safe UPDATE that puts those jobs back the way the queue system itself does, only if they
     are still stale with the same token; rows ``(id, queue, kind, state)`` of the jobs it changed.
+
+Operator statements (``jobqueue-exporter jobs|retry|purge``, run on a read-write connection; see
+``operate.py``). Listing rows are ``(id, queue, kind, state, native_state, attempts, last_error, lock_owner,
+is_stale, can_retry)``, ``state`` canonical and ``last_error``/``lock_owner`` NULL where not stored:
+
+``list_live_sql($1 = stale_after, $2 = canonical states text[], $3 = queue or NULL, $4 = kind or NULL,
+$5 = limit)``
+    waiting and running jobs, read through the queue's partial indexes on those states.
+``list_terminal_sql(same parameters)``
+    finished jobs, newest id first: walks the primary key backwards until ``$5`` rows match, so its cost
+    grows with how rare the requested states are among recent jobs (bounded by ``statement_timeout``).
+``job_sql($1 = stale_after, $2 = id text)``
+    the same columns for one job (a primary-key lookup).
+``retry_sql($1 = ids text[] or NULL for every retryable job, $2 = queue or NULL, $3 = kind or NULL,
+$4 = limit)``
+    one race-safe UPDATE putting failed/dead jobs back to waiting the way the queue system's own retry does;
+    rows ``(id, queue, kind, state)`` of the jobs it changed (``state`` native).
+``purge_sql($1 = older_than seconds, $2 = include_failed, $3 = after id text or NULL, $4 = batch)``
+    deletes at most ``$4`` finished jobs with ids above ``$3``, the way the queue system's own cleanup
+    chooses them; rows ``(id, queue, kind, state)`` ordered by id, so the last id is where the next batch
+    starts (keyset: the whole run reads the primary key once).
+``purge_preview_sql(same parameters)``
+    the rows ``purge_sql`` would delete, chosen by the same predicate, without deleting or locking.
 """
 
 from __future__ import annotations
@@ -62,6 +85,15 @@ class Preset:
     # what the queue system does about stale jobs itself (shown in docs and logs)
     self_rescue: str = ""
     outcomes: tuple[str, ...] = ("succeeded", "failed", "dead", "cancelled")
+    # operator commands (None: the command is not available for this preset or mapping)
+    list_live: Statement | None = None
+    list_terminal: Statement | None = None
+    job: Statement | None = None
+    retry: Statement | None = None
+    purge: Statement | None = None
+    purge_preview: Statement | None = None
+    # which jobs `retry` accepts, in words (for error messages)
+    retry_rule: str = "only failed or dead jobs"
 
 
 def _registry() -> dict[str, Preset]:

@@ -8,7 +8,9 @@ spliced into SQL as text. Column types (from ``information_schema``) decide how 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ..config import Recovery, TableMapping
 from . import Preset, Statement
@@ -23,6 +25,27 @@ class ColumnType:
 
 def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
+
+
+class _Constants:
+    """Constant parameters appended after a statement's runtime ones, numbered from ``first``."""
+
+    def __init__(self, first: int, array_cast: str):
+        self.first = first
+        self.array_cast = array_cast
+        self.values: list[Any] = []
+
+    def values_of(self, values: list[str]) -> str:
+        """A list of native state values, as an array of the state column's type."""
+        self.values.append(list(values))
+        return f"${self.first + len(self.values) - 1}{self.array_cast}"
+
+    def value(self, value: Any, cast: str) -> str:
+        self.values.append(value)
+        return f"${self.first + len(self.values) - 1}::{cast}"
+
+    def statement(self, sql: str) -> Statement:
+        return Statement(sql, tuple(self.values))
 
 
 def required_columns(table: TableMapping) -> dict[str, tuple[str, ...]]:
@@ -200,6 +223,23 @@ WHERE j.{col(table.id)} = cand.id AND {is_stale}
 RETURNING j.{col(table.id)}::text AS id, {queue} AS queue, {kind} AS kind, {state}::text AS state
 """
 
+    ops = _operator_statements(
+        table,
+        rel=rel,
+        col=col,
+        ts=ts,
+        naive=naive,
+        cast=cast,
+        array_cast=array_cast,
+        queue=queue,
+        kind=kind,
+        eligible=eligible,
+        retried=retried,
+        stale=stale,
+        reset_state=recovery.reset_state if recovery else None,
+        clear_columns=recovery.clear_columns if recovery else [],
+    )
+
     return Preset(
         name="generic",
         description=f"generic table mapping for {table.name}",
@@ -216,4 +256,145 @@ RETURNING j.{col(table.id)}::text AS id, {queue} AS queue, {kind} AS kind, {stat
         outcomes=("succeeded", "failed", "dead", "cancelled"),
         stale_jobs=Statement(stale_jobs, (mapping.running,)),
         recover=Statement(recover, (mapping.running, recovery.reset_state if recovery else None)),
+        retry_rule="only jobs in a state mapped to failed or dead",
+        **ops,
     )
+
+
+def _operator_statements(
+    table: TableMapping,
+    *,
+    rel: str,
+    col: Callable[[str], str],
+    ts: Callable[[str], str],
+    naive: Callable[[str], bool],
+    cast: Callable[[str, str], str],
+    array_cast: str,
+    queue: str,
+    kind: str,
+    eligible: str,
+    retried: str,
+    stale: str,
+    reset_state: str | None,
+    clear_columns: list[str],
+) -> dict[str, Statement | None]:
+    """Statements of the operator commands (see the contract in ``presets/__init__.py``)."""
+    mapping, t = table.state, table.timestamps
+    state, job_id = col(mapping.column), col(table.id)
+    id_type = cast(table.id, "text")
+    live_values = mapping.values_for("pending", "scheduled", "retrying", "running")
+    finished_values = mapping.values_for("succeeded", "failed", "dead", "cancelled")
+    retryable_values = mapping.values_for("failed", "dead")
+    attempts = f"{col(table.attempts)}::bigint" if table.attempts else "NULL::bigint"
+    filters = f"($3::text IS NULL OR {queue} = $3) AND ($4::text IS NULL OR {kind} = $4)"
+
+    def job_columns(c: _Constants) -> tuple[str, str]:
+        """The listing's select list (``$1`` = stale_after) and its canonical state expression."""
+        canonical = f"""CASE WHEN {state} = ANY({c.values_of(mapping.running)}) THEN 'running'
+            WHEN {state} = ANY({c.values_of(mapping.values_for("pending", "scheduled", "retrying"))}) THEN
+                CASE WHEN {eligible} IS NULL OR {eligible} <= now() THEN 'pending'
+                     WHEN {state} = ANY({c.values_of(mapping.scheduled)}) THEN 'scheduled'
+                     WHEN {state} = ANY({c.values_of(mapping.retrying)}) THEN 'retrying'
+                     WHEN {retried} THEN 'retrying'
+                     ELSE 'scheduled' END
+            WHEN {state} = ANY({c.values_of(mapping.succeeded)}) THEN 'succeeded'
+            WHEN {state} = ANY({c.values_of(mapping.failed)}) THEN 'failed'
+            WHEN {state} = ANY({c.values_of(mapping.dead)}) THEN 'dead'
+            WHEN {state} = ANY({c.values_of(mapping.cancelled)}) THEN 'cancelled' END"""
+        select = f"""
+SELECT {job_id}::text AS id, {queue} AS queue, {kind} AS kind, ({canonical}) AS state,
+       {state}::text AS native_state, {attempts} AS attempts, NULL::text AS last_error,
+       NULL::text AS lock_owner,
+       ({state} = ANY({c.values_of(mapping.running)}) AND coalesce({stale}, false)) AS is_stale,
+       ({state} = ANY({c.values_of(retryable_values)})) AS can_retry
+FROM {rel}"""
+        return select, canonical
+
+    def listing(where_values: list[str], order: str) -> Statement:
+        # $1 stale_after, $2 canonical states, $3 queue, $4 kind, $5 limit
+        c = _Constants(6, array_cast)
+        select, canonical = job_columns(c)
+        return c.statement(f"""{select}
+WHERE {state} = ANY({c.values_of(where_values)}) AND ({canonical}) = ANY($2::text[]) AND {filters}
+ORDER BY {job_id} {order}
+LIMIT $5
+""")
+
+    list_live = listing(live_values, "ASC")
+    list_terminal = listing(finished_values, "DESC")
+    c = _Constants(3, array_cast)  # $1 stale_after, $2 id
+    select, _ = job_columns(c)
+    job = c.statement(f"{select}\nWHERE {job_id} = $2::text::{id_type}\n")
+
+    retry = None
+    if reset_state is not None:
+        c = _Constants(5, array_cast)
+        assignments = {
+            mapping.column: c.value(reset_state, f"text::{cast(mapping.column, 'text')}")
+        }
+        if table.attempts:
+            assignments[table.attempts] = "0"
+        if t.eligible:
+            assignments[t.eligible] = "(now() AT TIME ZONE 'UTC')" if naive(t.eligible) else "now()"
+        for column in clear_columns:
+            assignments.setdefault(column, "NULL")
+        retryable = c.values_of(retryable_values)
+        retry = c.statement(f"""
+UPDATE {rel} AS j
+SET {", ".join(f"{col(name)} = {value}" for name, value in assignments.items())}
+FROM (
+    SELECT j.{job_id} AS cand_id
+    FROM {rel} AS j
+    WHERE {state} = ANY({retryable})
+      AND ($1::text[] IS NULL OR j.{job_id} = ANY($1::text[]::{id_type}[]))
+      AND ($2::text IS NULL OR {queue} = $2) AND ($3::text IS NULL OR {kind} = $3)
+    ORDER BY j.{job_id}
+    LIMIT $4
+    FOR UPDATE OF j SKIP LOCKED
+) AS cand
+WHERE j.{job_id} = cand.cand_id AND {state} = ANY({retryable})
+RETURNING j.{job_id}::text AS id, {queue} AS queue, {kind} AS kind, {state}::text AS state
+""")
+
+    purge = purge_preview = None
+    if t.finished:
+        now = "(now() AT TIME ZONE 'UTC')" if naive(t.finished) else "now()"
+        # $1 older_than, $2 include_failed, $3 after id, $4 batch
+        c = _Constants(5, array_cast)
+        purgeable = (
+            f"{state} = ANY(CASE WHEN $2::boolean THEN {c.values_of(finished_values)} "
+            f"ELSE {c.values_of(mapping.succeeded)} END) "
+            f"AND {col(t.finished)} < {now} - make_interval(secs => $1)"
+        )
+        after = f"($3::text IS NULL OR {job_id} > $3::text::{id_type})"
+        purge = c.statement(f"""
+WITH cand AS (
+    SELECT j.{job_id} AS cand_id
+    FROM {rel} AS j
+    WHERE {purgeable} AND {after}
+    ORDER BY j.{job_id}
+    LIMIT $4
+    FOR UPDATE OF j SKIP LOCKED
+), deleted AS (
+    DELETE FROM {rel} AS j
+    USING cand
+    WHERE j.{job_id} = cand.cand_id AND {purgeable}
+    RETURNING j.{job_id} AS key, {queue} AS queue, {kind} AS kind, {state}::text AS state
+)
+SELECT key::text AS id, queue, kind, state FROM deleted ORDER BY key
+""")
+        purge_preview = c.statement(f"""
+SELECT {job_id}::text AS id, {queue} AS queue, {kind} AS kind, {state}::text AS state
+FROM {rel}
+WHERE {purgeable} AND {after}
+ORDER BY {job_id}
+LIMIT $4
+""")
+    return {
+        "list_live": list_live,
+        "list_terminal": list_terminal,
+        "job": job,
+        "retry": retry,
+        "purge": purge,
+        "purge_preview": purge_preview,
+    }

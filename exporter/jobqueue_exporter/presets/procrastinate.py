@@ -3,6 +3,10 @@
 Cost: live states read only ``todo``/``doing`` rows, through the schema's partial indexes on those
 statuses; finished jobs are counted by
 tailing ``procrastinate_events`` by primary key, so no statement touches finished history.
+
+Operator commands: ``jobs`` reads waiting/running rows through ``procrastinate_jobs_id_lock_idx_v1`` in id
+order; finished rows (no index covers them) by walking the primary key from the newest job; ``retry`` is
+``procrastinate_retry_job_v2`` for a ``failed`` row and ``purge`` is ``delete_old_jobs``, in batches.
 """
 
 from __future__ import annotations
@@ -123,6 +127,126 @@ WHERE j.id = cand.id AND j.status = 'doing'
 RETURNING j.id::text AS id, j.queue_name AS queue, j.task_name AS kind, j.status::text AS state
 """
 
+# -- operator commands ---------------------------------------------------------------------------
+
+_STATE = """CASE j.status
+        WHEN 'todo' THEN CASE WHEN j.scheduled_at IS NULL OR j.scheduled_at <= now() THEN 'pending'
+                              WHEN j.attempts = 0 THEN 'scheduled' ELSE 'retrying' END
+        WHEN 'doing' THEN 'running'
+        WHEN 'aborting' THEN 'running'
+        WHEN 'succeeded' THEN 'succeeded'
+        WHEN 'failed' THEN 'failed'
+        ELSE 'cancelled' END"""
+
+# What procrastinate_retry_job_v2 accepts for a `failed` row without failing: an abort-requested row would
+# violate check_not_todo_abort_requested, and a `todo` job holding the same queueing_lock its unique index.
+_RETRYABLE = """j.status = 'failed' AND NOT j.abort_requested
+      AND NOT EXISTS (SELECT 1 FROM procrastinate_jobs t
+                      WHERE j.queueing_lock IS NOT NULL AND t.queueing_lock = j.queueing_lock
+                        AND t.status = 'todo')"""
+
+_JOB_COLUMNS = f"""
+SELECT j.id::text AS id, j.queue_name::text AS queue, j.task_name::text AS kind, {_STATE} AS state,
+       j.status::text AS native_state, j.attempts::bigint AS attempts,
+       NULL::text AS last_error,  -- Procrastinate keeps errors in its logs only
+       CASE WHEN j.status = 'doing' AND j.worker_id IS NOT NULL THEN 'worker ' || j.worker_id END
+           AS lock_owner,
+       coalesce(j.status = 'doing' AND {_STALE}, false) AS is_stale,
+       ({_RETRYABLE}) AS can_retry
+FROM procrastinate_jobs j
+LEFT JOIN procrastinate_workers w ON w.id = j.worker_id"""
+
+_LIST_FILTERS = f"""{_STATE} = ANY($2::text[])
+  AND ($3::text IS NULL OR j.queue_name = $3) AND ($4::text IS NULL OR j.task_name = $4)"""
+
+# `status IN ('todo', 'doing')` is the predicate of procrastinate_jobs_id_lock_idx_v1 (id, lock): the rows
+# come from that partial index in id order, and the scan stops at the limit.
+LIST_LIVE = f"""{_JOB_COLUMNS}
+WHERE j.status IN ('todo', 'doing') AND {_LIST_FILTERS}
+ORDER BY j.id
+LIMIT $5
+"""
+
+# No index covers finished rows: walks the primary key from the newest job until $5 rows match.
+LIST_TERMINAL = f"""{_JOB_COLUMNS}
+WHERE j.status IN ('succeeded', 'failed', 'cancelled', 'aborted') AND {_LIST_FILTERS}
+ORDER BY j.id DESC
+LIMIT $5
+"""
+
+JOB = f"""{_JOB_COLUMNS}
+WHERE j.id = $2::text::bigint
+"""
+
+# What procrastinate_retry_job_v2 does to a `failed` job (JobManager.retry_job, retry_at = now): back to
+# `todo`, attempts + 1, due now; its trigger records a `retried` event. Candidates are locked with SKIP
+# LOCKED and re-checked on the live row; of several failed jobs sharing a queueing_lock only the lowest id
+# is retried (the unique index allows one `todo` job per lock).
+RETRY = f"""
+WITH locked AS (
+    SELECT j.id, j.queueing_lock
+    FROM procrastinate_jobs j
+    WHERE {_RETRYABLE}
+      AND ($1::text[] IS NULL OR j.id = ANY($1::text[]::bigint[]))
+      AND ($2::text IS NULL OR j.queue_name = $2) AND ($3::text IS NULL OR j.task_name = $3)
+    ORDER BY j.id
+    LIMIT $4
+    FOR UPDATE OF j SKIP LOCKED
+), cand AS (
+    SELECT l.id FROM locked l
+    WHERE l.queueing_lock IS NULL
+       OR l.id = (SELECT min(o.id) FROM locked o WHERE o.queueing_lock = l.queueing_lock)
+)
+UPDATE procrastinate_jobs j
+SET status = 'todo'::procrastinate_job_status, attempts = j.attempts + 1, scheduled_at = now()
+FROM cand
+WHERE j.id = cand.id AND j.status = 'failed' AND NOT j.abort_requested
+RETURNING j.id::text AS id, j.queue_name::text AS queue, j.task_name::text AS kind,
+          j.status::text AS state
+"""
+
+# delete_old_jobs (the remove_old_jobs task): succeeded jobs, plus failed/cancelled/aborted when asked,
+# whose latest event is older than the cutoff. "Latest event older" is spelled as "has an event, and none
+# at or after the cutoff (nor without a time)", which is what its DISTINCT ON ... ORDER BY at DESC picks.
+_PURGE_STATUSES = """(CASE WHEN $2::boolean THEN ARRAY['succeeded', 'failed', 'cancelled', 'aborted']
+                         ELSE ARRAY['succeeded'] END)::procrastinate_job_status[]"""
+_PURGEABLE = f"""j.status = ANY({_PURGE_STATUSES})
+      AND ($3::text IS NULL OR j.id > $3::text::bigint)
+      AND EXISTS (SELECT 1 FROM procrastinate_events e WHERE e.job_id = j.id)
+      AND NOT EXISTS (SELECT 1 FROM procrastinate_events e
+                      WHERE e.job_id = j.id
+                        AND (e.at IS NULL OR e.at >= now() - make_interval(secs => $1)))"""
+
+# One batch: candidates in id order above the previous batch (SKIP LOCKED), status re-checked on the row;
+# their events go with them (ON DELETE CASCADE), as with delete_old_jobs.
+PURGE = f"""
+WITH cand AS (
+    SELECT j.id
+    FROM procrastinate_jobs j
+    WHERE {_PURGEABLE}
+    ORDER BY j.id
+    LIMIT $4
+    FOR UPDATE OF j SKIP LOCKED
+), deleted AS (
+    DELETE FROM procrastinate_jobs j
+    USING cand
+    WHERE j.id = cand.id AND j.status = ANY({_PURGE_STATUSES})
+    RETURNING j.id, j.queue_name, j.task_name, j.status
+)
+SELECT id::text AS id, queue_name::text AS queue, task_name::text AS kind, status::text AS state
+FROM deleted
+ORDER BY deleted.id
+"""
+
+PURGE_PREVIEW = f"""
+SELECT j.id::text AS id, j.queue_name::text AS queue, j.task_name::text AS kind,
+       j.status::text AS state
+FROM procrastinate_jobs j
+WHERE {_PURGEABLE}
+ORDER BY j.id
+LIMIT $4
+"""
+
 PRESET = Preset(
     name="procrastinate",
     description="Procrastinate 3.x (Python): procrastinate_jobs, procrastinate_events, procrastinate_workers",
@@ -151,4 +275,14 @@ PRESET = Preset(
     recover=Statement(RECOVER),
     self_rescue="none: stalled jobs stay 'doing' unless the application retries them",
     outcomes=("succeeded", "failed", "cancelled", "retried"),
+    list_live=Statement(LIST_LIVE),
+    list_terminal=Statement(LIST_TERMINAL),
+    job=Statement(JOB),
+    retry=Statement(RETRY),
+    purge=Statement(PURGE),
+    purge_preview=Statement(PURGE_PREVIEW),
+    retry_rule=(
+        "only failed jobs, as procrastinate_retry_job_v2 does; not one with an abort requested, nor "
+        "while another todo job holds its queueing_lock"
+    ),
 )

@@ -1,0 +1,630 @@
+"""Manual operator commands: ``jobs``, ``recover-stale``, ``retry`` and ``purge``.
+
+They follow the safety rules of automatic recovery (``recovery.py``):
+
+* every statement is the target preset's (presets are data), one statement per step: candidates locked
+  with ``FOR UPDATE SKIP LOCKED`` (never waiting on a worker), the state re-checked on the live row, a LIMIT;
+* ``recover-stale`` *is* automatic recovery minus the hold window: the same :class:`Recoverer`, statement,
+  advisory lock, stale predicate and claim-token re-check. It is refused where the queue system rescues
+  stale jobs itself, unless the target opts in exactly as config validation demands;
+* nothing changes without ``--yes``. A dry run of ``recover-stale`` or ``retry`` executes the very
+  statement and rolls it back, so it shows exactly what would change; a dry run of ``purge`` walks the
+  same selection read-only, batch by batch, and counts up to ``PREVIEW_CAP`` rows;
+* ``purge`` deletes in batches, each its own short transaction, so no lock is held for long;
+* every run of a mutating command, dry or not, logs one structured line through
+  :func:`recovery.record_run` with ``event="manual_<command>"``;
+* one read-write session (``recovery.dsn`` if set, else the target's DSN) named
+  ``jobqueue-exporter/<target>/operator``, with the target's statement and lock timeouts.
+
+A user mistake (unknown target or job, a job that cannot be retried, a bad duration) is an
+:class:`OperatorError`: one ``error:`` line and exit 2. A database failure is exit 1. Never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import asyncpg
+
+from .config import Config, Target, load_config, parse_duration
+from .logs import setup_logging
+from .poll import SchemaProblem, check_schema, resolve_preset, stale_after_for
+from .presets import Preset, Statement
+from .recovery import MAX_LOGGED_IDS, Recoverer, StaleJob, connect_rw, record_run
+
+LIVE_STATES = ("pending", "scheduled", "retrying", "running")
+DEFAULT_STATES = (*LIVE_STATES, "failed", "dead")
+DEFAULT_RETRY_LIMIT = 100
+# a purge dry run stops counting here and reports "at least"
+PREVIEW_CAP = 1_000_000
+DRY_RUN_NOTE = "dry run: pass --yes to act"
+DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError)
+
+
+class OperatorError(Exception):
+    """A mistake the operator can fix: printed as one ``error:`` line, exit 2."""
+
+
+class DatabaseFailure(Exception):
+    """The database refused or failed mid-way: printed as one ``error:`` line, exit 1."""
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    queue: str
+    kind: str
+    state: str
+    native_state: str
+    attempts: int | None
+    last_error: str | None
+    lock_owner: str | None
+    is_stale: bool
+    can_retry: bool
+    hint: str
+
+
+@dataclass
+class Report:
+    """What a command found or did, for the table and for ``--json``."""
+
+    command: str
+    target: str
+    result: str
+    summary: str
+    columns: tuple[str, ...]
+    rows: list[dict[str, Any]]
+    dry_run: bool | None = None  # None: the command changes nothing (jobs)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Session:
+    target: Target
+    preset: Preset
+    stale_after: float
+    conn: asyncpg.Connection
+
+
+# -- session --------------------------------------------------------------------------------------
+
+
+def find_target(config: Config, name: str) -> Target:
+    for target in config.targets:
+        if target.name == name:
+            return target
+    known = ", ".join(t.name for t in config.targets)
+    raise OperatorError(f"unknown target {name!r}: the config defines {known}")
+
+
+def with_retry_state(target: Target, native: str | None) -> Target:
+    """The target with ``--to`` as the state ``retry`` puts jobs back to (table mappings only)."""
+    if native is None:
+        return target
+    if target.table is None:
+        raise OperatorError(
+            f"--to is only for table mappings: target {target.name!r} ({target.preset_name}) "
+            "retries jobs the way its queue system does"
+        )
+    waiting = target.table.state.values_for("pending", "scheduled", "retrying")
+    if native not in waiting:
+        raise OperatorError(
+            f"--to {native!r} is not a waiting state of target {target.name!r} "
+            f"(pending, scheduled or retrying values: {', '.join(waiting)})"
+        )
+    recovery = target.recovery.model_copy(update={"reset_state": native})
+    return target.model_copy(update={"recovery": recovery})
+
+
+@asynccontextmanager
+async def open_session(
+    config: Config, name: str, retry_state: str | None = None
+) -> AsyncIterator[Session]:
+    target = with_retry_state(find_target(config, name), retry_state)
+    preset = resolve_preset(target)
+    conn = await connect_rw(target, "operator", preset.schema)
+    try:
+        preset = await check_schema(conn, target, preset)
+        yield Session(target, preset, stale_after_for(target, preset), conn)
+    finally:
+        if not conn.is_closed():
+            try:
+                await asyncio.wait_for(conn.close(), timeout=2.0)
+            except BaseException:
+                conn.terminate()
+
+
+async def _execute(
+    conn: asyncpg.Connection, sql: str, args: Sequence[Any], commit: bool
+) -> list[dict]:
+    """Run one statement in its own transaction; commit it, or roll it back (a dry run)."""
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        rows = await conn.fetch(sql, *args)
+    except BaseException:
+        await transaction.rollback()
+        raise
+    if commit:
+        await transaction.commit()
+    else:
+        await transaction.rollback()
+    return [dict(row) for row in rows]
+
+
+def _changed(rows: list[dict]) -> list[dict[str, Any]]:
+    """Rows a statement changed, for output: ``state`` is the native state they are in now."""
+    return [
+        {"id": r["id"], "queue": r["queue"], "kind": r["kind"], "new_state": r["state"]}
+        for r in rows
+    ]
+
+
+def _statement(s: Session, statement: Statement | None, command: str, why: str) -> Statement:
+    if statement is None or not statement.sql:
+        raise OperatorError(f"{command} is not available for target {s.target.name!r}: {why}")
+    return statement
+
+
+# -- jobs -----------------------------------------------------------------------------------------
+
+
+def _hint(s: Session, row: dict[str, Any]) -> str:
+    if row["is_stale"]:
+        if s.target.builtin_rescue_problems():
+            return f"stale: {s.preset.name}'s own sweep resets it"
+        return "stale: run recover-stale"
+    if row["can_retry"]:
+        to = " --to STATE" if s.preset.retry is None else ""
+        return f"{row['state']}: retry with `jobqueue-exporter retry {row['id']}{to}`"
+    if row["state"] in ("failed", "dead"):
+        return f"{row['state']}: cannot be retried now ({s.preset.retry_rule})"
+    return ""
+
+
+def _job(s: Session, row: asyncpg.Record) -> Job:
+    values = dict(row)
+    return Job(**values, hint=_hint(s, values))
+
+
+async def list_jobs(
+    s: Session, states: Sequence[str], queue: str | None, kind: str | None, limit: int
+) -> list[Job]:
+    """Live states through the partial indexes, then terminal ones newest id first, up to ``limit``."""
+    live = [state for state in states if state in LIVE_STATES]
+    terminal = [state for state in states if state not in LIVE_STATES]
+    rows: list[asyncpg.Record] = []
+    async with s.conn.transaction(isolation="repeatable_read", readonly=True):
+        for statement, wanted in ((s.preset.list_live, live), (s.preset.list_terminal, terminal)):
+            if wanted and statement is not None and len(rows) < limit:
+                rows += await s.conn.fetch(
+                    statement.sql,
+                    s.stale_after,
+                    wanted,
+                    queue,
+                    kind,
+                    limit - len(rows),
+                    *statement.params,
+                )
+    return [_job(s, row) for row in rows]
+
+
+async def get_job(s: Session, job_id: str) -> Job:
+    statement = _statement(s, s.preset.job, "looking up a job", "no statement")
+    try:
+        row = await s.conn.fetchrow(statement.sql, s.stale_after, job_id, *statement.params)
+    except asyncpg.DataError:  # not even the shape of an id here (bigint, uuid, ...)
+        row = None
+    if row is None:
+        raise OperatorError(f"unknown job id {job_id!r} on target {s.target.name!r}")
+    return _job(s, row)
+
+
+async def jobs_report(s: Session, args: argparse.Namespace) -> Report:
+    states = args.state or list(DEFAULT_STATES)
+    jobs = await list_jobs(s, states, args.queue, args.kind, args.limit)
+    stale = sum(job.is_stale for job in jobs)
+    retryable = sum(job.can_retry for job in jobs)
+    more = " (--limit reached)" if len(jobs) >= args.limit else ""
+    return Report(
+        command="jobs",
+        target=s.target.name,
+        result="listed",
+        summary=f"{len(jobs)} job(s){more} in {', '.join(states)}: {stale} stale, "
+        f"{retryable} retryable",
+        columns=JOB_COLUMNS,
+        rows=[asdict(job) for job in jobs],
+    )
+
+
+# -- recover-stale --------------------------------------------------------------------------------
+
+
+def refuse_builtin_rescue(target: Target) -> None:
+    problems = target.builtin_rescue_problems()
+    if problems:
+        raise OperatorError(
+            f"recover-stale refused for target {target.name!r}: "
+            + "; ".join(message for _, message in problems)
+        )
+
+
+async def stale_candidates(s: Session, queue: str | None, kind: str | None) -> list[StaleJob]:
+    statement = _statement(s, s.preset.stale_jobs, "recover-stale", "no stale-job statement")
+    async with s.conn.transaction(isolation="repeatable_read", readonly=True):
+        rows = await s.conn.fetch(statement.sql, s.stale_after, *statement.params)
+    return [
+        StaleJob(r["id"], r["queue"], r["kind"], r["token"])
+        for r in rows
+        if (queue is None or r["queue"] == queue) and (kind is None or r["kind"] == kind)
+    ]
+
+
+async def recover_stale(
+    s: Session, queue: str | None, kind: str | None, limit: int, yes: bool
+) -> Report:
+    """Automatic recovery's run, now: no hold window, the same statement, lock and re-checks."""
+    refuse_builtin_rescue(s.target)  # (cmd_recover_stale also checks before connecting)
+    _statement(
+        s,
+        s.preset.recover,
+        "recover-stale",
+        "set recovery.reset_state (the native state a stale job goes back to)",
+    )
+    candidates = await stale_candidates(s, queue, kind)
+    recoverer = Recoverer(
+        s.target,
+        s.preset,
+        s.stale_after,
+        event="manual_recover_stale",
+        dry_run=not yes,
+        conn=s.conn,
+    )
+    result = await recoverer.run(candidates, time.time(), limit=limit)
+    if result == "error":
+        raise DatabaseFailure(f"recover-stale on target {s.target.name!r}: {recoverer.last_error}")
+    if result == "locked":
+        raise DatabaseFailure(
+            f"another recovery run (an exporter replica or an operator) holds the lock of target "
+            f"{s.target.name!r}; nothing was changed: try again"
+        )
+    changed = recoverer.last_changed
+    verb = "would reset" if not yes else "reset"
+    left = len(candidates) - len(changed)
+    summary = f"{len(candidates)} stale job(s) found, {verb} {len(changed)}"
+    if left:
+        summary += (
+            f"; {left} left alone (no longer stale, locked by a worker, or over --limit {limit})"
+        )
+    return Report(
+        command="recover-stale",
+        target=s.target.name,
+        result=result,
+        summary=summary,
+        columns=CHANGED_COLUMNS,
+        rows=_changed(changed),
+        dry_run=not yes,
+        details={"candidates": [asdict(job) for job in candidates], "stale_after": s.stale_after},
+    )
+
+
+# -- retry ----------------------------------------------------------------------------------------
+
+
+async def retry_jobs(
+    s: Session,
+    job_id: str | None,
+    queue: str | None,
+    kind: str | None,
+    limit: int,
+    yes: bool,
+) -> Report:
+    """Failed/dead jobs back to waiting, as the queue system's own retry does."""
+    statement = _statement(
+        s,
+        s.preset.retry,
+        "retry",
+        "set recovery.reset_state or pass --to with a waiting state, e.g. --to pending",
+    )
+    if job_id is not None:
+        job = await get_job(s, job_id)
+        if not job.can_retry:
+            raise OperatorError(
+                f"job {job_id} on target {s.target.name!r} is {job.state} "
+                f"({job.native_state}), so it cannot be retried: {s.preset.retry_rule}"
+            )
+        limit = 1
+    args = [[job_id] if job_id is not None else None, queue, kind, limit, *statement.params]
+    record = {"dry_run": not yes, "candidates": [job_id] if job_id else None, "verb": "retried"}
+    try:
+        changed = await _execute(s.conn, statement.sql, args, commit=yes)
+    except DB_ERRORS as exc:
+        record_run("manual_retry", s.target.name, "error", changed=[], error=str(exc), **record)
+        raise DatabaseFailure(f"retry on target {s.target.name!r}: {exc}") from None
+    result = ("dry_run" if not yes else "retried") if changed else "nothing"
+    record_run("manual_retry", s.target.name, result, changed=changed, **record)
+    if job_id is not None and not changed:
+        raise DatabaseFailure(
+            f"job {job_id} was not retried: another transaction holds it or its state changed "
+            "meanwhile; nothing was changed"
+        )
+    verb = "would retry" if not yes else "retried"
+    return Report(
+        command="retry",
+        target=s.target.name,
+        result=result,
+        summary=f"{verb} {len(changed)} job(s)" + ("" if changed else ": no retryable job matches"),
+        columns=CHANGED_COLUMNS,
+        rows=_changed(changed),
+        dry_run=not yes,
+    )
+
+
+# -- purge ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class PurgeTally:
+    total: int = 0
+    batches: int = 0
+    sample: list[dict] = field(default_factory=list)  # the first MAX_LOGGED_IDS rows, for the log
+    groups: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+
+    def add(self, rows: list[dict]) -> None:
+        self.total += len(rows)
+        self.batches += 1
+        self.sample += rows[: MAX_LOGGED_IDS - len(self.sample)]
+        self.groups.update((r["queue"], r["kind"], r["state"]) for r in rows)
+
+
+async def _purge_walk(
+    s: Session,
+    statement: Statement,
+    older_than: float,
+    include_failed: bool,
+    batch: int,
+    commit: bool,
+) -> PurgeTally:
+    """Batches of up to ``batch`` rows in id order, each in its own transaction, until one comes back
+    short (or, for a dry run, PREVIEW_CAP rows were counted)."""
+    tally, after = PurgeTally(), None
+    while commit or tally.total < PREVIEW_CAP:
+        args = [older_than, include_failed, after, batch, *statement.params]
+        try:
+            rows = await _execute(s.conn, statement.sql, args, commit)
+        except DB_ERRORS as exc:
+            raise PurgeInterrupted(tally, exc) from None
+        tally.add(rows)
+        if len(rows) < batch:
+            break
+        after = rows[-1]["id"]  # rows come ordered by id: the next batch starts above it
+    return tally
+
+
+class PurgeInterrupted(Exception):
+    def __init__(self, tally: PurgeTally, cause: BaseException):
+        super().__init__(str(cause))
+        self.tally, self.cause = tally, cause
+
+
+async def purge(
+    s: Session, older_than: float, include_failed: bool, batch: int, yes: bool
+) -> Report:
+    """Finished jobs older than ``older_than`` seconds, chosen the way the queue's own cleanup does."""
+    why = "map timestamps.finished so the age of a finished job is known"
+    statement = _statement(s, s.preset.purge if yes else s.preset.purge_preview, "purge", why)
+    fields = {"older_than_seconds": older_than, "include_failed": include_failed, "batch": batch}
+    record = {"dry_run": not yes, "verb": "deleted", **fields}
+    try:
+        tally = await _purge_walk(s, statement, older_than, include_failed, batch, commit=yes)
+    except PurgeInterrupted as stop:
+        record_run(
+            "manual_purge",
+            s.target.name,
+            "error",
+            changed=stop.tally.sample,
+            total=stop.tally.total,
+            error=str(stop.cause),
+            **record,
+        )
+        done = f" after deleting {stop.tally.total} job(s)" if yes else ""
+        raise DatabaseFailure(f"purge on target {s.target.name!r} failed{done}: {stop.cause}")
+    capped = not yes and tally.total >= PREVIEW_CAP
+    result = ("dry_run" if not yes else "deleted") if tally.total else "nothing"
+    record_run(
+        "manual_purge",
+        s.target.name,
+        result,
+        changed=tally.sample,
+        total=tally.total,
+        batches=tally.batches,
+        **record,
+    )
+    verb = "would delete" if not yes else "deleted"
+    count = f"at least {tally.total}" if capped else str(tally.total)
+    return Report(
+        command="purge",
+        target=s.target.name,
+        result=result,
+        summary=f"{verb} {count} finished job(s) older than {_duration(older_than)} "
+        f"({tally.batches} batch(es) of up to {batch})",
+        columns=("queue", "kind", "state", "jobs"),
+        rows=[
+            {"queue": q, "kind": k, "state": st, "jobs": n}
+            for (q, k, st), n in sorted(tally.groups.items())
+        ],
+        dry_run=not yes,
+        details={
+            "jobs_total": tally.total,
+            "count_capped": capped,
+            "batches": tally.batches,
+            **fields,
+        },
+    )
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+# -- output ---------------------------------------------------------------------------------------
+
+JOB_COLUMNS = (
+    "id",
+    "queue",
+    "kind",
+    "state",
+    "attempts",
+    "last_error",
+    "lock_owner",
+    "is_stale",
+    "can_retry",
+    "hint",
+)
+CHANGED_COLUMNS = ("id", "queue", "kind", "new_state")
+_CELL_WIDTH = 48
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    text = " ".join(str(value).split())
+    return text if len(text) <= _CELL_WIDTH else text[: _CELL_WIDTH - 1] + "…"
+
+
+def render_table(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    header = [c.upper() for c in columns]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    lines = [header, *cells]
+    return "\n".join(
+        "  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    )
+
+
+def render(report: Report, as_json: bool) -> str:
+    if as_json:
+        body: dict[str, Any] = {
+            "command": report.command,
+            "target": report.target,
+            "result": report.result,
+            "summary": report.summary,
+        }
+        if report.dry_run is not None:
+            body["dry_run"] = report.dry_run
+        body["jobs"] = report.rows
+        body.update(report.details)
+        return json.dumps(body, indent=2, default=str)
+    lines = [f"target {report.target}: {report.summary}"]
+    if report.rows:
+        lines += ["", render_table(report.columns, report.rows)]
+    if report.dry_run:
+        lines += ["", DRY_RUN_NOTE]
+    return "\n".join(lines)
+
+
+# -- command entry points (wired in cli.py) -------------------------------------------------------
+
+Body = Callable[[Session, argparse.Namespace], Awaitable[Report]]
+
+
+def _run(
+    args: argparse.Namespace,
+    body: Body,
+    retry_state: str | None = None,
+    check: Callable[[Target], None] | None = None,
+) -> int:
+    """Load the config, open the target's session, run ``body``, print its report: exit 0, or 2 for an
+    operator mistake, 1 for a database failure."""
+    config = load_config(args.config)  # a ConfigError is reported by cli.main (exit 2)
+    setup_logging(config.log_format, "info")
+
+    async def go() -> Report:
+        if check is not None:
+            check(find_target(config, args.target))
+        async with open_session(config, args.target, retry_state) as session:
+            return await body(session, args)
+
+    try:
+        report = asyncio.run(go())
+    except (OperatorError, SchemaProblem) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except DatabaseFailure as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except DB_ERRORS as exc:
+        print(f"error: target {args.target}: {str(exc) or type(exc).__name__}", file=sys.stderr)
+        return 1
+    print(render(report, args.json))
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    return _run(args, jobs_report)
+
+
+def cmd_recover_stale(args: argparse.Namespace) -> int:
+    async def body(s: Session, a: argparse.Namespace) -> Report:
+        limit = a.limit if a.limit is not None else s.target.recovery.max_jobs_per_run
+        return await recover_stale(s, a.queue, a.kind, limit, a.yes)
+
+    return _run(args, body, check=refuse_builtin_rescue)
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    if (args.job_id is None) == (not args.all_failed):
+        print("error: give either one JOB_ID or --all-failed", file=sys.stderr)
+        return 2
+    if args.job_id is not None and (args.queue or args.kind or args.limit is not None):
+        print(
+            "error: --queue, --kind and --limit go with --all-failed, not with a JOB_ID",
+            file=sys.stderr,
+        )
+        return 2
+
+    async def body(s: Session, a: argparse.Namespace) -> Report:
+        limit = a.limit if a.limit is not None else DEFAULT_RETRY_LIMIT
+        return await retry_jobs(s, a.job_id, a.queue, a.kind, limit, a.yes)
+
+    return _run(args, body, retry_state=args.to)
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    try:
+        older_than = parse_duration(args.older_than)
+    except ValueError as exc:
+        print(f"error: --older-than: {exc}", file=sys.stderr)
+        return 2
+    if older_than <= 0:
+        print("error: --older-than must be more than 0, e.g. 30d", file=sys.stderr)
+        return 2
+
+    async def body(s: Session, a: argparse.Namespace) -> Report:
+        return await purge(s, older_than, a.include_failed, a.batch, a.yes)
+
+    return _run(args, body)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value

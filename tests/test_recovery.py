@@ -438,3 +438,41 @@ async def test_generic_mapping_resets_to_the_configured_state(
     assert await db.fetchval(
         "SELECT run_at > now() - interval '1 minute' FROM jobs WHERE locked_by IS NULL"
     )
+
+
+async def test_running_jobs_sharing_a_queueing_lock_go_back_one_at_a_time(
+    dsn: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """Procrastinate allows one waiting job per queueing_lock: resetting both would break its index."""
+    app = await apply_schema(dsn)
+    worker = start_worker_process(dsn, "gated", concurrency=2)
+    try:
+        async with app.open_async():
+            for n in range(2):
+                await (
+                    app.tasks["gate"]
+                    .configure(queueing_lock="report-42")
+                    .defer_async(path=str(tmp_path / f"gate-{n}"))
+                )
+                await wait_for(
+                    lambda n=n: db.fetchval(
+                        "SELECT count(*) = $1 FROM procrastinate_jobs WHERE status = 'doing'", n + 1
+                    ),
+                    message="job picked up before the next one is deferred",
+                )
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(10)
+    await wait_for(
+        lambda: db.fetchval(
+            "SELECT bool_and(last_heartbeat < now() - interval '1 second') FROM procrastinate_workers"
+        ),
+        message="stale",
+    )
+    poller = recovering_poller(dsn)
+    t0 = 1_000_000.0
+    await step(poller, t0)
+    assert await step(poller, t0 + HOLD) == "recovered"
+    first, second = await db.fetch("SELECT status::text FROM procrastinate_jobs ORDER BY id")
+    assert (first["status"], second["status"]) == ("todo", "doing")
+    assert await step(poller, t0 + HOLD + 10) == "nothing", "waits until the first one ran"

@@ -100,7 +100,8 @@ WHERE j.status = 'doing' AND {_STALE}
 # What procrastinate_retry_job_v2 does to a `doing` job (back to `todo`, attempts + 1, due now; `failed`
 # when an abort was requested), as one statement: candidates locked with SKIP LOCKED (never waiting on a
 # worker), the stale rule and the claim token re-checked on the live row, and jobs whose queueing_lock
-# already has a `todo` job left alone (the unique index would reject them).
+# already has a `todo` job left alone (the unique index would reject them); of several running jobs
+# sharing a queueing_lock only the oldest goes back per run, for the same reason.
 RECOVER = f"""
 WITH cand AS (
     SELECT j.id
@@ -110,7 +111,7 @@ WITH cand AS (
     WHERE j.status = 'doing' AND {_TOKEN} = c.token AND {_STALE}
       AND NOT EXISTS (SELECT 1 FROM procrastinate_jobs t
                       WHERE j.queueing_lock IS NOT NULL AND t.queueing_lock = j.queueing_lock
-                        AND t.status = 'todo')
+                        AND (t.status = 'todo' OR (t.status = 'doing' AND t.id < j.id)))
     ORDER BY j.id
     LIMIT $4
     FOR UPDATE OF j SKIP LOCKED

@@ -367,6 +367,8 @@ class TargetPoller:
         else:
             floor = snap.now - timedelta(seconds=window)
         self.tail.start(floor, baseline, snap, high)
+        # finish times come from the database clock; the window runs on this host's clock
+        skew = snap.now.timestamp() - time.time()
         buckets: dict[int, Counter[tuple[str, str, str]]] = {}
         for r in rows:
             key = self.policy.label(r["queue"], r["kind"])
@@ -374,7 +376,7 @@ class TargetPoller:
                 buckets.setdefault(int(r["finished_at"]), Counter())[(*key, r["outcome"])] += 1
         assert self.state.window is not None
         for second in sorted(buckets):
-            self.state.window.add(float(second), buckets[second])
+            self.state.window.add(second - skew, buckets[second])
 
     # -- loop -------------------------------------------------------------------------------------
 

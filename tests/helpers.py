@@ -70,10 +70,10 @@ def parse_metrics(text: str) -> dict[tuple[str, frozenset], float]:
 
 def scrape(*pollers) -> dict[tuple[str, frozenset], float]:
     """What /metrics would serve for these pollers right now."""
-    from jobqueue_exporter.cli import build_registry
-    from prometheus_client import generate_latest
+    from jobqueue_exporter.metrics import MetricsCache
 
-    return parse_metrics(generate_latest(build_registry(pollers)).decode())
+    cache = MetricsCache([p.state for p in pollers])
+    return parse_metrics(cache.join(openmetrics=False, gzip=False).decode())
 
 
 def series(samples: dict, name: str, **labels: str) -> dict[frozenset, float]:

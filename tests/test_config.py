@@ -632,7 +632,8 @@ def test_defaults(tmp_path: Path) -> None:
     assert target.statement_timeout == 5.0
     assert target.lock_timeout == 1.0
     assert target.stale_after is None
-    assert target.max_kinds_per_queue == 50
+    assert target.max_kinds_per_queue == 20
+    assert target.max_queues == 15 and target.label_ttl == 3600.0
     assert target.finished_counting == "auto"
     assert target.count_terminal_states is False
     assert target.queues is None and target.labels == {}
@@ -1068,9 +1069,9 @@ def test_once_against_unreachable_database(tmp_path: Path) -> None:
     result = run_cli("once", "--config", str(config_file))
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
-    assert 'jobqueue_up{target="down"} 0.0' in result.stdout
-    assert 'jobqueue_up{target="labelled"} 0.0' in result.stdout
-    assert 'jobqueue_poll_errors_total{reason="connection",target="down"} 1.0' in result.stdout
+    assert 'jobqueue_up{target="down"} 0' in result.stdout
+    assert 'jobqueue_up{target="labelled"} 0' in result.stdout
+    assert 'jobqueue_poll_errors_total{target="down",reason="connection"} 1' in result.stdout
     error_lines = sorted(result.stderr.splitlines())
     assert len(error_lines) == 2, result.stderr
     assert error_lines[0].startswith("error: down: connection:")

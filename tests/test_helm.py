@@ -1001,7 +1001,7 @@ async def test_exporter_runs_as_the_chart_deploys_it(dsn: str, tmp_path: Path) -
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
             await wait_http(session, base + container["livenessProbe"]["httpGet"]["path"])
             ready = await wait_http(session, base + container["readinessProbe"]["httpGet"]["path"])
-            assert ready == "ready\n"
+            assert ready.startswith("ready\n") and "app (procrastinate): up, polled" in ready
             async with session.get(base + "/metrics") as response:
                 assert response.status == 200
                 samples = parse_metrics(await response.text())

@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 from helpers import make_config, parse_metrics, value, wait_for
-from jobqueue_exporter.cli import Exporter, build_pollers, build_registry
+from jobqueue_exporter.cli import Exporter, build_cache, build_pollers
 from jobqueue_exporter.http import make_app
 from procrastinate_app import apply_schema
 
@@ -23,12 +23,12 @@ async def test_endpoints_with_test_client(aiohttp_client, dsn: str, db: asyncpg.
     await apply_schema(dsn)
     config = make_config({"name": "app", "dsn": dsn, "preset": "procrastinate"})
     pollers = build_pollers(config)
-    client = await aiohttp_client(make_app(build_registry(pollers), pollers))
+    client = await aiohttp_client(make_app(build_cache(pollers), pollers))
 
     assert (await client.get("/healthz")).status == 200
     not_ready = await client.get("/readyz")
     assert not_ready.status == 503
-    assert "app: no successful poll yet" in await not_ready.text()
+    assert "app (procrastinate): waiting for the first poll" in await not_ready.text()
     page = await (await client.get("/")).text()
     assert 'href="/metrics"' in page and "app (procrastinate): waiting for the first poll" in page
 
@@ -82,9 +82,16 @@ async def test_real_socket_and_down_target(dsn: str, db: asyncpg.Connection) -> 
             assert value(samples, "jobqueue_up", target="gone") == 0
             async with http.get(f"{base}/readyz") as response:
                 assert response.status == 503
-                assert "gone: no successful poll yet (connection:" in await response.text()
+                text = await response.text()
+            # every target's line, with the cause of the one that is down
+            assert "app (procrastinate): up, polled" in text
+            assert (
+                "gone (procrastinate): DOWN since" in text
+                and f"no successful poll yet: connection: connection refused by 127.0.0.1:{closed}"
+                in text
+            ), text
             async with http.get(f"{base}/") as response:
-                assert "gone (procrastinate): DOWN: connection" in await response.text()
+                assert "gone (procrastinate): DOWN since" in await response.text()
     finally:
         await exporter.stop()
 

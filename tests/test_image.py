@@ -430,7 +430,7 @@ async def test_installed_entrypoint_runs_with_the_chart_args(
             body = await wait_http(
                 session, base + container["readinessProbe"]["httpGet"]["path"], status=503
             )
-            assert "app: no successful poll yet" in body
+            assert "app (procrastinate): DOWN since" in body and "no successful poll yet" in body
             samples: dict = {}
             for _ in range(100):
                 async with session.get(base + "/metrics") as response:

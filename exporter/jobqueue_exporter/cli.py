@@ -8,49 +8,94 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
 
 from . import __version__, operate
-from .config import CANONICAL_STATES, Config, ConfigError, load_config, parse_listen
-from .http import make_app
+from .config import CANONICAL_STATES, Config, ConfigError, load_config, parse_duration, parse_listen
+from .http import OPEN_PATHS, ConnectionGuard, GuardedSite, HttpLimits, HttpStats, make_app
 from .logs import setup_logging
-from .metrics import JobQueueCollector
+from .metrics import MetricsCache
 from .poll import TargetPoller
+
+if TYPE_CHECKING:
+    from .webconfig import WebConfig
 
 log = logging.getLogger("jobqueue_exporter")
 
 
-def build_pollers(config: Config) -> list[TargetPoller]:
-    return [TargetPoller(config, target) for target in config.targets]
+def build_pollers(config: Config, cache: MetricsCache | None = None) -> list[TargetPoller]:
+    """One poller per target; with a cache, each publishes to it after every poll."""
+    pollers = [TargetPoller(config, target) for target in config.targets]
+    if cache is not None:
+        for poller in pollers:
+            poller.on_update = cache.update
+    return pollers
 
 
-def build_registry(pollers: Sequence[TargetPoller]) -> CollectorRegistry:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(JobQueueCollector([p.state for p in pollers]))
-    return registry
+def build_cache(pollers: Sequence[TargetPoller]) -> MetricsCache:
+    cache = MetricsCache([p.state for p in pollers])
+    for poller in pollers:
+        poller.on_update = cache.update
+    return cache
 
 
 class Exporter:
     """Pollers + HTTP server; ``start`` returns once listening, ``stop`` tears everything down."""
 
-    def __init__(self, config: Config, listen: str | None = None):
+    def __init__(
+        self,
+        config: Config,
+        listen: str | None = None,
+        web_config: WebConfig | None = None,
+        limits: HttpLimits | None = None,
+    ):
         self.config = config
         self.host, self.port = parse_listen(listen or config.listen)
+        self.web_config = web_config
+        self.limits = limits or HttpLimits()
         self.pollers = build_pollers(config)
-        self.registry = build_registry(self.pollers)
+        self.cache = build_cache(self.pollers)
+        self.stats = HttpStats()
         self.stop_event = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._runner: web.AppRunner | None = None
 
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        return self.web_config.ssl_context() if self.web_config is not None else None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.ssl_context is not None else "http"
+
     async def start(self) -> None:
-        app = make_app(self.registry, self.pollers)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        guard = ConnectionGuard(self.limits, self.stats)
+        middlewares: list[Any] = [guard.middleware]
+        if self.web_config is not None:
+            middlewares.append(self.web_config.middleware(OPEN_PATHS))
+        app = make_app(
+            self.cache,
+            self.pollers,
+            limits=self.limits,
+            stats=self.stats,
+            middlewares=middlewares,
+            is_authenticated=self.web_config.is_authenticated if self.web_config else None,
+            headers=self.web_config.headers if self.web_config else None,
+        )
+        self._runner = web.AppRunner(
+            app,
+            access_log=None,
+            shutdown_timeout=0.5,
+            keepalive_timeout=self.limits.idle_timeout,
+            handler_cancellation=True,  # a scraper that goes away cancels its request's work
+        )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        site = GuardedSite(self._runner, guard, self.host, self.port, ssl_context=self.ssl_context)
         try:
             await site.start()
         except OSError as exc:
@@ -64,7 +109,8 @@ class Exporter:
                 asyncio.create_task(poller.run(self.stop_event), name=poller.target.name)
             )
         log.info(
-            "listening on http://%s:%d/metrics, polling %d target(s)",
+            "listening on %s://%s:%d/metrics, polling %d target(s)",
+            self.scheme,
             self.host,
             self.port,
             len(self.pollers),
@@ -81,8 +127,10 @@ class Exporter:
             await self._runner.cleanup()
 
 
-async def _serve(config: Config, listen: str | None) -> None:
-    exporter = Exporter(config, listen)
+async def _serve(
+    config: Config, listen: str | None, web_config: WebConfig | None, limits: HttpLimits
+) -> None:
+    exporter = Exporter(config, listen, web_config, limits)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -96,6 +144,7 @@ async def _serve(config: Config, listen: str | None) -> None:
 async def poll_all_once(config: Config) -> tuple[bytes, list[str]]:
     """Poll every target once, concurrently; return the exposition and per-target failures."""
     pollers = build_pollers(config)
+    cache = build_cache(pollers)
     failures: list[str] = []
 
     async def one(poller: TargetPoller) -> None:
@@ -107,7 +156,17 @@ async def poll_all_once(config: Config) -> tuple[bytes, list[str]]:
             await poller.close()
 
     await asyncio.gather(*(one(p) for p in pollers))
-    return generate_latest(build_registry(pollers)), failures
+    return cache.join(openmetrics=False, gzip=False), failures
+
+
+def _duration_arg(text: str) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than 0, e.g. 10s")
+    return seconds
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -134,7 +193,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     setup_logging(config.log_format, config.log_level)
     if args.listen:
         parse_listen(args.listen)
-    asyncio.run(_serve(config, args.listen))
+    web_config = None
+    if args.web_config_file:
+        from .webconfig import load_web_config
+
+        web_config = load_web_config(args.web_config_file)
+    limits = HttpLimits(
+        header_timeout=args.web_header_timeout,
+        idle_timeout=args.web_idle_timeout,
+        max_connections=args.web_max_connections,
+        max_concurrent_scrapes=args.web_max_concurrent_scrapes,
+    )
+    asyncio.run(_serve(config, args.listen, web_config, limits))
     return 0
 
 
@@ -162,6 +232,45 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="poll the configured targets and serve /metrics")
     run.add_argument("--config", required=True, help="YAML config file")
     run.add_argument("--listen", help="HOST:PORT to listen on (overrides 'listen' in the config)")
+    defaults = HttpLimits()
+    run.add_argument(
+        "--web.config.file",
+        dest="web_config_file",
+        metavar="PATH",
+        help="TLS and basic-auth configuration, in the Prometheus exporter-toolkit format",
+    )
+    run.add_argument(
+        "--web.header-timeout",
+        dest="web_header_timeout",
+        type=_duration_arg,
+        default=defaults.header_timeout,
+        metavar="DURATION",
+        help=f"close a connection whose request headers take longer (default {defaults.header_timeout:g}s)",
+    )
+    run.add_argument(
+        "--web.idle-timeout",
+        dest="web_idle_timeout",
+        type=_duration_arg,
+        default=defaults.idle_timeout,
+        metavar="DURATION",
+        help=f"close a kept-alive connection idle this long (default {defaults.idle_timeout:g}s)",
+    )
+    run.add_argument(
+        "--web.max-connections",
+        dest="web_max_connections",
+        type=operate.positive_int,
+        default=defaults.max_connections,
+        metavar="N",
+        help=f"open connections accepted at once (default {defaults.max_connections})",
+    )
+    run.add_argument(
+        "--web.max-concurrent-scrapes",
+        dest="web_max_concurrent_scrapes",
+        type=operate.positive_int,
+        default=defaults.max_concurrent_scrapes,
+        metavar="N",
+        help=f"/metrics responses written at once; more wait (default {defaults.max_concurrent_scrapes})",
+    )
     run.set_defaults(func=_cmd_run)
     check = sub.add_parser("check", help="validate a config file without connecting to anything")
     check.add_argument("--config", required=True)

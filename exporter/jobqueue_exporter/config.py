@@ -48,6 +48,12 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 _TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+# Label cardinality per target (README: Label cardinality): at most (max_queues + 1) x (max_kinds_per_queue + 1)
+# (queue, kind) keys, each kept until unseen for label_ttl
+DEFAULT_MAX_QUEUES = 15
+DEFAULT_MAX_KINDS_PER_QUEUE = 20
+DEFAULT_LABEL_TTL = 3600.0
+MAX_QUEUES_LIMIT = 10000
 # PostgreSQL stores timeouts as int milliseconds; the idle-in-transaction timeout is 2x + 1s of it
 MAX_TIMEOUT = 86400.0
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -314,7 +320,9 @@ class Target(_Strict):
     statement_timeout: Duration = 5.0
     lock_timeout: Duration = 1.0
     queues: list[str] | None = None
-    max_kinds_per_queue: int = Field(50, ge=1, le=10000)
+    max_kinds_per_queue: int = Field(DEFAULT_MAX_KINDS_PER_QUEUE, ge=1, le=10000)
+    max_queues: int = DEFAULT_MAX_QUEUES
+    label_ttl: Duration = DEFAULT_LABEL_TTL
     labels: dict[str, str] = {}
     finished_counting: FinishedCounting = "auto"
     count_terminal_states: bool = False
@@ -376,6 +384,37 @@ class Target(_Strict):
     def _window(cls, value: float) -> float:
         if value < 1:
             raise ValueError("success_window must be at least 1s, e.g. 10m")
+        return value
+
+    @field_validator("max_queues", mode="before")
+    @classmethod
+    def _max_queues_type(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # YAML `yes`/`true` would otherwise become 1
+            raise ValueError(
+                f"max_queues must be a whole number, not {str(value).lower()}: e.g. "
+                f"max_queues: {DEFAULT_MAX_QUEUES}"
+            )
+        return value
+
+    @field_validator("max_queues")
+    @classmethod
+    def _max_queues(cls, value: int) -> int:
+        if not 1 <= value <= MAX_QUEUES_LIMIT:
+            raise ValueError(
+                f"max_queues must be between 1 and {MAX_QUEUES_LIMIT} (got {value}): queues beyond it "
+                f'are summed into queue="__other__"; e.g. max_queues: {DEFAULT_MAX_QUEUES}, and list '
+                "queues that must keep their own label under queues:"
+            )
+        return value
+
+    @field_validator("label_ttl")
+    @classmethod
+    def _label_ttl(cls, value: float) -> float:
+        if value < 1:
+            raise ValueError(
+                "label_ttl must be at least 1s: a (queue, kind) not seen for that long stops being "
+                "exported; e.g. label_ttl: 1h"
+            )
         return value
 
     @field_validator("queues")
@@ -574,6 +613,24 @@ class Config(_Strict):
             first.setdefault(target.name, i)
         _raise_problems(problems)
         return value
+
+    @model_validator(mode="after")
+    def _label_ttls(self) -> Config:
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        for i, target in enumerate(self.targets):
+            interval = self.interval_for(target)
+            if target.label_ttl < 2 * interval:
+                problems.append(
+                    (
+                        ("targets", i, "label_ttl"),
+                        f"label_ttl {target.label_ttl:g}s is shorter than two poll intervals "
+                        f"(2 x {interval:g}s): a queue would expire after one empty poll; set "
+                        f"label_ttl to at least {2 * interval:g}s, e.g. label_ttl: "
+                        f"{math.ceil(max(DEFAULT_LABEL_TTL, 4 * interval) / 3600)}h",
+                    )
+                )
+        _raise_problems(problems)
+        return self
 
     def interval_for(self, target: Target) -> float:
         return target.poll_interval if target.poll_interval is not None else self.poll_interval

@@ -14,11 +14,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
@@ -26,7 +29,7 @@ from . import __version__
 from .config import CANONICAL_STATES, Config, Target
 from .presets import PRESETS, Preset, generic
 from .recovery import Recoverer, RecoveryState, StaleJob
-from .snapshot import LabelPolicy, SuccessWindow, TargetSnapshot, build_snapshot
+from .snapshot import LabelPolicy, SuccessWindow, TargetSnapshot, build_snapshot, forget_keys
 from .watermark import FinishedRow, FinishedTail, SnapshotInfo
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 TAIL_ROW_LIMIT = 100_000
 BACKFILL_ROW_LIMIT = 200_000
 CONNECT_TIMEOUT = 10.0
+MIN_POLL_DEADLINE = 2.0
 
 
 class SchemaProblem(Exception):
@@ -51,6 +55,7 @@ class TargetState:
     snapshot: TargetSnapshot | None = None
     last_success: float | None = None
     last_error: str | None = None
+    down_since: float | None = None  # Unix time of the first failed poll of the current outage
     last_poll_duration: float | None = None
     errors: Counter[str] = field(default_factory=Counter)
     finished: Counter[tuple[str, str, str]] = field(default_factory=Counter)
@@ -70,19 +75,57 @@ def stale_after_for(target: Target, preset: Preset) -> float:
     return target.stale_after if target.stale_after is not None else preset.default_stale_after
 
 
-def _classify(exc: BaseException, connecting: bool) -> str:
+def describe_endpoint(dsn: str) -> str:
+    """``host:port`` (or the socket directory) of a DSN, for error texts; never the password."""
+    try:
+        parts = urlsplit(dsn)
+        query = parse_qs(parts.query)
+        host = parts.hostname or (query.get("host") or ["localhost"])[0]
+        port = parts.port or int((query.get("port") or ["5432"])[0])
+    except ValueError:
+        return "the database"
+    if host.startswith("/"):
+        return f"socket {host}/.s.PGSQL.{port}"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def poll_deadline(interval: float, statement_timeout: float) -> float:
+    """Client-side limit for one poll: a server that stops answering (no RST, no error) must mark the
+    target down at the first poll that cannot finish. Long enough for the server-side
+    statement_timeout to fire first on a slow statement, short enough to end before the next poll."""
+    return max(MIN_POLL_DEADLINE, min(interval, 2 * statement_timeout))
+
+
+class PollFailure(Exception):
+    """A failed poll: ``reason`` is the metrics label, ``str()`` what an operator reads."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def explain(exc: BaseException, connecting: bool, endpoint: str) -> PollFailure:
+    """Classify a poll failure and say what happened in words an operator can act on."""
+    if isinstance(exc, PollFailure):
+        return exc
     if isinstance(exc, SchemaProblem):
-        return "schema"
+        return PollFailure("schema", str(exc))
+    if isinstance(exc, socket.gaierror):
+        host = endpoint.rsplit(":", 1)[0]
+        return PollFailure("connection", f"could not resolve host {host} ({exc.strerror or exc})")
+    if isinstance(exc, ConnectionRefusedError):
+        return PollFailure("connection", f"connection refused by {endpoint}")
+    if isinstance(exc, asyncio.TimeoutError):
+        return PollFailure("connection" if connecting else "timeout", f"no answer from {endpoint}")
+    text = str(exc).strip() or type(exc).__name__
     if connecting:
-        # refused, unknown database, bad password, too many clients, starting up, connect timeout
-        return "connection"
-    if isinstance(
-        exc, (asyncpg.QueryCanceledError, asyncpg.LockNotAvailableError, asyncio.TimeoutError)
-    ):
-        return "timeout"
+        # refused, unknown database, bad password, too many clients, starting up
+        return PollFailure("connection", f"cannot connect to {endpoint}: {text}")
+    if isinstance(exc, (asyncpg.QueryCanceledError, asyncpg.LockNotAvailableError)):
+        return PollFailure("timeout", f"{text} (on {endpoint})")
     if isinstance(exc, (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)):
-        return "connection"
-    return "query"
+        return PollFailure("connection", f"connection to {endpoint} lost during poll: {text}")
+    return PollFailure("query", text)
 
 
 async def check_schema(conn: asyncpg.Connection, target: Target, preset: Preset) -> Preset:
@@ -153,13 +196,24 @@ async def _check_enum_values(
         )
 
 
+StateListener = Callable[["TargetState"], Awaitable[None]]
+
+
 class TargetPoller:
-    def __init__(self, config: Config, target: Target):
+    """Polls one target on its interval and publishes its state to ``on_update`` (the metrics cache)
+    after every poll and recovery step."""
+
+    def __init__(self, config: Config, target: Target, on_update: StateListener | None = None):
         self.target = target
         self.interval = config.interval_for(target)
+        self.deadline = poll_deadline(self.interval, target.statement_timeout)
+        self.endpoint = describe_endpoint(target.dsn or "")
+        self.on_update = on_update
         self.preset = resolve_preset(target)
         self.stale_after = stale_after_for(target, self.preset)
-        self.policy = LabelPolicy(target.queues, target.max_kinds_per_queue)
+        self.policy = LabelPolicy(
+            target.queues, target.max_kinds_per_queue, target.max_queues, target.label_ttl
+        )
         self.state = TargetState(
             name=target.name,
             preset=target.preset_name,
@@ -194,9 +248,11 @@ class TargetPoller:
         return settings
 
     async def _connect(self) -> asyncpg.Connection:
+        dsn = self.target.resolve_dsn()
+        self.endpoint = describe_endpoint(dsn)
         conn = await asyncpg.connect(
-            self.target.resolve_dsn(),
-            timeout=min(CONNECT_TIMEOUT, max(self.interval, 1.0) * 2),
+            dsn,
+            timeout=min(CONNECT_TIMEOUT, self.deadline),
             server_settings=self._server_settings(),
             # backstop if the network, not the server, hangs: the server cancels first
             command_timeout=self.target.statement_timeout + 5.0,
@@ -259,35 +315,60 @@ class TargetPoller:
     # -- one poll ---------------------------------------------------------------------------------
 
     async def poll_once(self) -> TargetSnapshot:
-        """Read the target once and publish the snapshot; on failure publish 'down' and re-raise."""
+        """Read the target once and publish the snapshot; on failure publish 'down' (with the cause in
+        ``state.last_error``) and re-raise. The whole poll, connecting included, must finish within
+        ``deadline``."""
         async with self._lock:
             started = time.monotonic()
-            connecting = self._conn is None or self._conn.is_closed()
+            phase = {"connecting": self._conn is None or self._conn.is_closed()}
             try:
-                conn = await self._connect() if connecting else self._conn
-                connecting = False
-                if not self._prepared:
-                    await self._prepare(conn)
-                    self._prepared = True
-                snapshot = await self._read(conn)
+                snapshot = await asyncio.wait_for(self._poll(phase), timeout=self.deadline)
+            except asyncio.CancelledError:
+                self.state.last_poll_duration = time.monotonic() - started
+                await self.close()
+                raise
             except BaseException as exc:
                 self.state.last_poll_duration = time.monotonic() - started
-                if isinstance(exc, asyncio.CancelledError):
-                    await self.close()
-                    raise
-                reason = _classify(exc, connecting)
-                self.state.errors[reason] += 1
+                failure = explain(exc, phase["connecting"], self.endpoint)
+                if isinstance(exc, asyncio.TimeoutError):
+                    # the server stopped answering: a graceful close would wait on it too
+                    self._abort_connection()
+                    failure = PollFailure(failure.reason, f"{failure} within {self.deadline:g}s")
+                self.state.errors[failure.reason] += 1
                 self.state.up = False
                 self.state.snapshot = None  # never serve the last values as current
-                self.state.last_error = f"{reason}: {exc}".strip()
+                self.state.last_error = f"{failure.reason}: {failure}"
+                self.state.down_since = self.state.down_since or time.time()
                 await self.close()
+                await self.publish()
                 raise
             self.state.last_poll_duration = time.monotonic() - started
             self.state.up = True
             self.state.snapshot = snapshot
             self.state.last_success = snapshot.taken_at
             self.state.last_error = None
+            self.state.down_since = None
+            await self.publish()
             return snapshot
+
+    async def _poll(self, phase: dict[str, bool]) -> TargetSnapshot:
+        conn = await self._connect() if phase["connecting"] else self._conn
+        assert conn is not None
+        phase["connecting"] = False
+        if not self._prepared:
+            await self._prepare(conn)
+            self._prepared = True
+        return await self._read(conn)
+
+    def _abort_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            conn.terminate()
+
+    async def publish(self) -> None:
+        """Hand the current state to the metrics layer (rendered once, served until the next)."""
+        if self.on_update is not None:
+            await self.on_update(self.state)
 
     async def _read(self, conn: asyncpg.Connection) -> TargetSnapshot:
         preset = self.preset
@@ -317,6 +398,12 @@ class TargetPoller:
             [tuple(r) for r in terminal] if terminal is not None else None,  # type: ignore[misc]
             taken_at=now,
         )
+        # (queue, kind) unseen for label_ttl: no longer served, counters included; slots freed
+        expired = self.policy.expire()
+        recovered = self.state.recovery.recovered if self.state.recovery else None
+        forget_keys(expired, snapshot.series, self.state.finished, recovered)
+        if self.state.window is not None:
+            self.state.window.forget(expired)
         for queue, kind in snapshot.series:
             for outcome in preset.outcomes:
                 # present at 0 so the first failure is an increase, not a new series
@@ -398,7 +485,9 @@ class TargetPoller:
             started = time.monotonic()
             try:
                 await self.poll_once()
-                await self._recover(self._stale_jobs)
+                if self.recoverer is not None:
+                    await self._recover(self._stale_jobs)
+                    await self.publish()
                 if self._failures:
                     log.info(
                         "target %s: polling again after %d failure(s)",
@@ -409,7 +498,9 @@ class TargetPoller:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - an outage must never stop the loop
-                await self._recover(None)
+                if self.recoverer is not None:
+                    await self._recover(None)
+                    await self.publish()
                 self._failures += 1
                 log.warning(
                     "target %s: poll failed (%s)",

@@ -225,6 +225,7 @@ class TargetPoller:
         self._stale_jobs: list[StaleJob] = []
         if target.recovery.enabled and self.preset.stale_jobs is not None:
             self.recoverer = Recoverer(target, self.preset, self.stale_after)
+            self.recoverer.label = self.policy.label
             self.state.recovery = self.recoverer.state
         self._conn: asyncpg.Connection | None = None
         self._prepared = False

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -170,6 +171,9 @@ class Recoverer:
         self.dry_run = self.config.dry_run if dry_run is None else dry_run
         self.tracker = HoldTracker(self.config.hold_for)
         self.state = RecoveryState()
+        # database (queue, kind) -> exported labels; the poller plugs in its label policy so the
+        # recovered-jobs counter obeys the same caps and reserved-value mapping as every other series
+        self.label: Callable[[str, str], tuple[str, str] | None] = lambda queue, kind: (queue, kind)
         self.last_changed: list[dict] = []  # rows the last run reset (or would have, in a dry run)
         self.last_error: str | None = None
         self._recent: deque[tuple[float, int]] = deque()  # (when, jobs) of the last hour
@@ -269,7 +273,9 @@ class Recoverer:
         self._recent.append((now, len(changed)))
         self.tracker.forget([row["id"] for row in changed])
         for row in changed:
-            self.state.recovered[(row["queue"], row["kind"])] += 1
+            key = self.label(row["queue"], row["kind"])
+            if key is not None:
+                self.state.recovered[key] += 1
         return self._record("recovered", candidates, changed)
 
     def _record(

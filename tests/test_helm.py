@@ -6,7 +6,10 @@ Every rendered object is validated against the Kubernetes OpenAPI schemas (``kub
 unknown fields fail) or, for the ServiceMonitor and PrometheusRule, against the prometheus-operator CRD schemas
 in ``tests/crd-schemas/``. The PrometheusRule and the dashboard ConfigMaps are compared with the very files in
 ``alerts/`` and ``dashboards/``. Finally the exporter is started with exactly the container args, environment
-and config file the chart renders, against a real PostgreSQL with Procrastinate's schema, and scraped.
+and config file the chart renders, against a real PostgreSQL with Procrastinate's schema, and scraped; secured
+(``ci/secured-values.yaml``), it serves the rendered web config with trustme certificates written where the
+Secrets would be mounted, and is scraped over HTTPS with a client certificate and basic auth exactly as the
+rendered ServiceMonitor tells Prometheus to.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tarfile
@@ -30,10 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import bcrypt
 import helm_python as helm
 import jsonschema
 import kubernetes_validate
 import pytest
+import trustme
 import yaml
 from helpers import parse_metrics, value
 
@@ -362,6 +368,111 @@ def test_defaults_alone_fail_with_what_to_set() -> None:
             {"networkPolicy": {"egress": {"databasePorts": [99999]}}},
             "at '/networkPolicy/egress/databasePorts/0'",
         ),
+        # securing the endpoint: webConfig, web, serviceMonitor.tlsConfig / basicAuth
+        (
+            {"webConfig": {"tls": {"enabled": True, "secretname": "jq-tls"}}},
+            "at '/webConfig/tls': additional properties 'secretname' not allowed",
+        ),
+        (
+            {"webConfig": {"tls": {"enabled": "yes"}}},
+            "at '/webConfig/tls/enabled': got string, want boolean",
+        ),
+        (
+            {"webConfig": {"tls": {"enabled": True, "secretName": "JQ_TLS"}}},
+            "at '/webConfig/tls/secretName': 'JQ_TLS' does not match pattern",
+        ),
+        (
+            {"webConfig": {"tls": {"clientAuthType": "NoClientCert"}}},
+            "at '/webConfig/tls/clientAuthType': value must be one of 'RequireAndVerifyClientCert', "
+            "'VerifyClientCertIfGiven'",
+        ),
+        (
+            {"webConfig": {"config": "basic_auth_users: {}"}},
+            "at '/webConfig/config': got string, want object",
+        ),
+        (
+            {"webConfig": {"config": {"tls_sever_config": {"min_version": "TLS13"}}}},
+            "at '/webConfig/config': additional properties 'tls_sever_config' not allowed",
+        ),
+        (
+            {"webConfig": {"config": {"tls_server_config": {"certfile": "tls.crt"}}}},
+            "at '/webConfig/config/tls_server_config': additional properties 'certfile' not allowed",
+        ),
+        (
+            {
+                "webConfig": {
+                    "config": {"tls_server_config": {"client_auth_type": "RequireAnyClientCert"}}
+                }
+            },
+            "at '/webConfig/config/tls_server_config/client_auth_type': value must be one of "
+            "'NoClientCert', 'VerifyClientCertIfGiven', 'RequireAndVerifyClientCert'",
+        ),
+        (
+            {"webConfig": {"config": {"tls_server_config": {"min_version": "TLS11"}}}},
+            "at '/webConfig/config/tls_server_config/min_version': value must be one of 'TLS12', 'TLS13'",
+        ),
+        (
+            {
+                "webConfig": {
+                    "config": {"tls_server_config": {"curve_preferences": ["X25519", "CurveP256"]}}
+                }
+            },
+            "at '/webConfig/config/tls_server_config/curve_preferences': maxItems: got 2, want 1",
+        ),
+        (
+            {"webConfig": {"config": {"http_server_config": {"http2": True}}}},
+            "at '/webConfig/config/http_server_config/http2': value must be false",
+        ),
+        (
+            {
+                "webConfig": {
+                    "config": {"http_server_config": {"headers": {"X-Frame-Options": "DENY"}}}
+                }
+            },
+            "at '/webConfig/config/http_server_config/headers/X-Frame-Options': value must be one of",
+        ),
+        (
+            {"webConfig": {"config": {"basic_auth_users": ["prometheus"]}}},
+            "at '/webConfig/config/basic_auth_users': got array, want object",
+        ),
+        (
+            {"webConfig": {"config": {"basic_auth_users": {"prom:etheus": "$2y$10$x"}}}},
+            "at '/webConfig/config/basic_auth_users': additional properties 'prom:etheus' not allowed",
+        ),
+        (
+            {"webConfig": {"config": {"rate_limit": {"interval": "1 second", "burst": 5}}}},
+            "at '/webConfig/config/rate_limit/interval': '1 second' does not match pattern",
+        ),
+        (
+            {"webConfig": {"config": {"rate_limit": {"interval": "1s", "burst": 0}}}},
+            "at '/webConfig/config/rate_limit/burst': minimum: got 0, want 1",
+        ),
+        ({"web": {"headerTimeout": "0s"}}, "at '/web/headerTimeout': '0s' does not match pattern"),
+        (
+            {"web": {"idleTimeout": "2 minutes"}},
+            "at '/web/idleTimeout': '2 minutes' does not match",
+        ),
+        ({"web": {"maxConnections": 0}}, "at '/web/maxConnections': minimum: got 0, want 1"),
+        (
+            {"web": {"maxConcurrentScrapes": 2.5}},
+            "at '/web/maxConcurrentScrapes': got number, want",
+        ),
+        (
+            {"web": {"max_connections": 10}},
+            "at '/web': additional properties 'max_connections' not allowed",
+        ),
+        (
+            {"serviceMonitor": {"basicAuth": {"secret": "scrape-auth"}}},
+            "at '/serviceMonitor/basicAuth': additional properties 'secret' not allowed",
+        ),
+        (
+            {"serviceMonitor": {"tlsConfig": {"insecureSkipVerify": "false"}}},
+            "at '/serviceMonitor/tlsConfig/insecureSkipVerify': got string, want boolean",
+        ),
+        (
+            {"serviceMonitor": {"tlsConfig": {"ca": {"secret": {"name": "ca", "key": "ca.crt"}}}}},
+            "at '/serviceMonitor/tlsConfig': additional properties 'ca' not allowed",
+        ),
     ],
     ids=lambda v: v if isinstance(v, str) and v.startswith("at") else None,
 )
@@ -413,6 +524,59 @@ def test_bad_values_are_rejected_by_the_schema(values: dict[str, Any], message: 
                 }
             },
             'prometheusRule.overrides.JobQueueBacklog.exprReplace: "> 42" does not occur in the expression',
+        ),
+        (
+            {"webConfig": {"tls": {"enabled": True}}},
+            "webConfig.tls.enabled: set webConfig.tls.secretName to a kubernetes.io/tls Secret",
+        ),
+        (
+            {"webConfig": {"existingSecret": "my-web-config", "config": {"basic_auth_users": {}}}},
+            "set either webConfig.config (the chart creates the Secret) or webConfig.existingSecret",
+        ),
+        (
+            {"webConfig": {"config": {"tls_server_config": {"min_version": "TLS13"}}}},
+            "webConfig.config.tls_server_config: no server certificate: set webConfig.tls.enabled",
+        ),
+        (
+            {
+                "webConfig": {"config": {"basic_auth_users": {"prometheus": "$2b$04$" + "a" * 53}}},
+                "serviceMonitor": {"enabled": True},
+            },
+            "webConfig.config.basic_auth_users is set, so Prometheus must log in: set "
+            "serviceMonitor.basicAuth.secretName",
+        ),
+        (
+            {
+                "webConfig": {
+                    "tls": {"enabled": True, "secretName": "jq-tls", "clientCAKey": "ca.crt"}
+                },
+                "serviceMonitor": {"enabled": True},
+            },
+            "client certificates are required (RequireAndVerifyClientCert), so Prometheus must present "
+            "one: set serviceMonitor.tlsConfig.certSecretName",
+        ),
+        (
+            {
+                "webConfig": {
+                    "config": {
+                        "tls_server_config": {
+                            "cert_file": "/certs/tls.crt",
+                            "key_file": "/certs/tls.key",
+                        }
+                    }
+                },
+                "serviceMonitor": {"enabled": True},
+            },
+            "webConfig.config.tls_server_config is set, so Prometheus scrapes over HTTPS: set "
+            "serviceMonitor.tlsConfig.caSecretName",
+        ),
+        (
+            {
+                "webConfig": {"tls": {"enabled": True, "secretName": "jq-tls"}},
+                "serviceMonitor": {"enabled": True, "namespace": "prometheus"},
+            },
+            "serviceMonitor.namespace is prometheus, but prometheus-operator reads the CA Secret from the "
+            "ServiceMonitor's namespace",
         ),
     ],
 )
@@ -498,6 +662,8 @@ def test_every_feature_flag_is_covered_by_a_scenario() -> None:
     assert kinds["monitoring"] == base | {"Secret", "ServiceMonitor", "PrometheusRule"}
     assert kinds["hardened"] == base | {"Secret", "PodDisruptionBudget", "NetworkPolicy"}
     assert kinds["generic-table"] == base | {"Secret"}
+    assert kinds["secured"] == base | {"Secret", "ServiceMonitor"}  # + the web config Secret
+    assert set(kinds) == set(SCENARIOS)
     dashboards = [o for o in values_file_objects("monitoring") if o["kind"] == "ConfigMap"]
     assert len(dashboards) == 1 + len(DASHBOARDS)
 
@@ -915,6 +1081,499 @@ def test_dashboards_are_the_json_files() -> None:
     } == {("grafana", "yes")}
 
 
+# --- securing the endpoint: web config (TLS, client certificates, basic auth), probes, ServiceMonitor -------
+
+# ci/secured-values.yaml: basic_auth_users.prometheus is the bcrypt hash of this password
+SECURED_USER, SECURED_PASSWORD = "prometheus", "ci-password"
+WEB_DIR = "/etc/jobqueue-exporter-web"
+BCRYPT_HASH = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
+
+
+def bcrypt_hash(password: str) -> str:
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
+
+
+def rendered_secrets(objects: list[dict[str, Any]]) -> dict[str, dict[str, bytes]]:
+    """The Secrets the chart renders, decoded: name -> key -> content."""
+    return {
+        s["metadata"]["name"]: {k: base64.b64decode(v) for k, v in s.get("data", {}).items()}
+        for s in objects_of(objects, "Secret")
+    }
+
+
+def web_config_secret(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    (found,) = [s for s in objects_of(objects, "Secret") if "web-config.yml" in s.get("data", {})]
+    return found
+
+
+def rendered_web_config(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    """The web config file (web-config.yml) of the Secret the chart creates."""
+    return yaml.safe_load(base64.b64decode(web_config_secret(objects)["data"]["web-config.yml"]))
+
+
+def pod_volume(objects: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    volumes = one(objects, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    (found,) = [v for v in volumes if v["name"] == name]
+    return found
+
+
+def projected_files(
+    objects: list[dict[str, Any]], cluster_secrets: dict[str, dict[str, bytes]]
+) -> dict[str, bytes]:
+    """What the kubelet writes into the web-config volume: path -> content, from the Secrets the chart renders
+    and ``cluster_secrets`` (the ones it only names, e.g. cert-manager's); a missing Secret or key fails, as
+    it would keep the pod from starting."""
+    secrets = {**cluster_secrets, **rendered_secrets(objects)}
+    files = {}
+    for source in pod_volume(objects, "web-config")["projected"]["sources"]:
+        secret = source["secret"]
+        for item in secret["items"]:
+            assert item["path"] not in files, f"two sources project {item['path']}"
+            files[item["path"]] = secrets[secret["name"]][item["key"]]
+    return files
+
+
+class Pki:
+    """What cert-manager and the monitoring team would provide, made with trustme: a CA issuing the
+    exporter's certificate (for the Service's DNS name) and Prometheus' client certificate."""
+
+    def __init__(self, server_name: str = f"{RELEASE}-jobqueue-exporter.{NAMESPACE}.svc"):
+        self.ca = trustme.CA()
+        self.server = self.ca.issue_cert(server_name)
+        self.prometheus = self.ca.issue_cert("prometheus.monitoring.svc")
+
+    def secrets(self) -> dict[str, dict[str, bytes]]:
+        """The Secrets ci/secured-values.yaml names, as the cluster would hold them."""
+
+        def tls(leaf: trustme.LeafCert) -> dict[str, bytes]:
+            return {
+                "tls.crt": b"".join(p.bytes() for p in leaf.cert_chain_pems),
+                "tls.key": leaf.private_key_pem.bytes(),
+                "ca.crt": self.ca.cert_pem.bytes(),
+            }
+
+        return {
+            "jobqueue-exporter-tls": tls(self.server),
+            "prometheus-client-tls": tls(self.prometheus),
+            "jobqueue-exporter-scrape-auth": {
+                "username": SECURED_USER.encode(),
+                "password": SECURED_PASSWORD.encode(),
+            },
+        }
+
+
+def secured_values(**changes: Any) -> dict[str, Any]:
+    return with_values(scenario("secured"), **changes)
+
+
+def test_secured_install_objects() -> None:
+    """ci/secured-values.yaml: HTTPS with a cert-manager Secret, client certificates (RequireAndVerifyClientCert)
+    from the same CA, basic auth, headers and HTTP limits, and a ServiceMonitor presenting all of it."""
+    values = scenario("secured")
+    objects = render(values)
+    for obj in objects:
+        validate(obj)
+    fullname = f"{RELEASE}-jobqueue-exporter"
+
+    # the web config Secret: the values' file plus the paths of the projected TLS files
+    secret = web_config_secret(objects)
+    assert secret["metadata"]["name"] == f"{fullname}-web-config"
+    assert secret["type"] == "Opaque"
+    assert rendered_web_config(objects) == {
+        **values["webConfig"]["config"],
+        "tls_server_config": {
+            "min_version": "TLS12",
+            "cert_file": "tls/tls.crt",
+            "key_file": "tls/tls.key",
+            "client_ca_file": "tls/client-ca.crt",
+            "client_auth_type": "RequireAndVerifyClientCert",
+        },
+    }
+
+    # one read-only volume: the file and the TLS Secret's keys, side by side (relative paths above)
+    container = deployment_container(objects)
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["web-config"] == {"name": "web-config", "mountPath": WEB_DIR, "readOnly": True}
+    volume = pod_volume(objects, "web-config")["projected"]
+    assert volume["defaultMode"] == 0o440  # the pod's fsGroup may read, nobody may write
+    assert volume["sources"] == [
+        {
+            "secret": {
+                "name": f"{fullname}-web-config",
+                "items": [{"key": "web-config.yml", "path": "web-config.yml"}],
+            }
+        },
+        {
+            "secret": {
+                "name": "jobqueue-exporter-tls",
+                "items": [
+                    {"key": "tls.crt", "path": "tls/tls.crt"},
+                    {"key": "tls.key", "path": "tls/tls.key"},
+                    {"key": "ca.crt", "path": "tls/client-ca.crt"},
+                ],
+            }
+        },
+    ]
+    assert container["args"][5:] == [
+        f"--web.config.file={WEB_DIR}/web-config.yml",
+        "--web.header-timeout=5s",
+        "--web.idle-timeout=60s",
+        "--web.max-connections=32",
+        "--web.max-concurrent-scrapes=4",
+    ]
+    annotations = one(objects, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert re.fullmatch(r"[0-9a-f]{64}", annotations["checksum/web-config"])
+
+    # every connection needs a client certificate, which the kubelet cannot present: TCP probes
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert "httpGet" not in container[probe]
+        assert container[probe]["tcpSocket"] == {"port": "metrics"}
+        assert container[probe]["periodSeconds"] == chart().values[probe]["periodSeconds"]
+    command = one(objects, "Pod")["spec"]["containers"][0]["command"]
+    assert command[-2:] == [f"{fullname}.{NAMESPACE}.svc", "17410"]
+    assert "create_connection" in command[2]
+
+    (endpoint,) = one(objects, "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["scheme"] == "https"
+    assert endpoint["tlsConfig"] == {
+        "ca": {"secret": {"name": "jobqueue-exporter-tls", "key": "ca.crt"}},
+        "serverName": f"{fullname}.{NAMESPACE}.svc",
+        "insecureSkipVerify": False,
+        "cert": {"secret": {"name": "prometheus-client-tls", "key": "tls.crt"}},
+        "keySecret": {"name": "prometheus-client-tls", "key": "tls.key"},
+    }
+    assert endpoint["basicAuth"] == {
+        "username": {"name": "jobqueue-exporter-scrape-auth", "key": "username"},
+        "password": {"name": "jobqueue-exporter-scrape-auth", "key": "password"},
+    }
+    notes = render_templates(values)[f"{CHART.name}/templates/NOTES.txt"]
+    assert f"https://{fullname}.{NAMESPACE}.svc:17410/metrics" in notes
+    assert "Client certificates are required" in notes and "WARNING" not in notes
+
+
+def test_tls_with_basic_auth_keeps_http_probes_over_https() -> None:
+    """Without required client certificates the probes stay httpGet, over HTTPS: /healthz and /readyz need no
+    password (and the kubelet does not verify the certificate)."""
+    values = secured_values(**{"webConfig.tls.clientAuthType": "VerifyClientCertIfGiven"})
+    del values["serviceMonitor"]["tlsConfig"]["certSecretName"]
+    objects = render(values)
+    for obj in objects:
+        validate(obj)
+    container = deployment_container(objects)
+    assert container["livenessProbe"]["httpGet"] == {
+        "path": "/healthz",
+        "port": "metrics",
+        "scheme": "HTTPS",
+    }
+    assert container["readinessProbe"]["httpGet"] == {
+        "path": "/readyz",
+        "port": "metrics",
+        "scheme": "HTTPS",
+    }
+    assert "tcpSocket" not in container["livenessProbe"]
+    assert rendered_web_config(objects)["tls_server_config"]["client_auth_type"] == (
+        "VerifyClientCertIfGiven"
+    )
+    test_pod = one(objects, "Pod")["spec"]["containers"][0]["command"]
+    assert test_pod[-1] == f"https://{RELEASE}-jobqueue-exporter.{NAMESPACE}.svc:17410/readyz"
+    (endpoint,) = one(objects, "ServiceMonitor")["spec"]["endpoints"]
+    assert "cert" not in endpoint["tlsConfig"] and "keySecret" not in endpoint["tlsConfig"]
+
+
+def test_tls_only_and_serving_names() -> None:
+    """TLS without client certificates or basic auth; the ServiceMonitor's CA, serverName and
+    insecureSkipVerify from values."""
+    values = with_values(
+        scenario("monitoring"),
+        webConfig={"tls": {"enabled": True, "secretName": "jq-tls"}},
+        **{
+            "serviceMonitor.tlsConfig": {
+                "caSecretName": "cluster-ca",
+                "caKey": "root.pem",
+                "serverName": "metrics.example.com",
+            }
+        },
+    )
+    objects = render(values)
+    for obj in objects:
+        validate(obj)
+    assert rendered_web_config(objects) == {
+        "tls_server_config": {"cert_file": "tls/tls.crt", "key_file": "tls/tls.key"}
+    }
+    (endpoint,) = one(objects, "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["scheme"] == "https"
+    assert endpoint["tlsConfig"] == {
+        "ca": {"secret": {"name": "cluster-ca", "key": "root.pem"}},
+        "serverName": "metrics.example.com",
+        "insecureSkipVerify": False,
+    }
+    assert "basicAuth" not in endpoint
+    container = deployment_container(objects)
+    assert container["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    skip = with_values(values, **{"serviceMonitor.tlsConfig": {"insecureSkipVerify": True}})
+    (endpoint,) = one(render(skip), "ServiceMonitor")["spec"]["endpoints"]
+    validate(one(render(skip), "ServiceMonitor"))
+    assert endpoint["tlsConfig"] == {"insecureSkipVerify": True}
+
+
+def test_basic_auth_without_tls() -> None:
+    """Basic auth alone: plain HTTP probes (no credentials needed), a ServiceMonitor with basicAuth but no
+    scheme or tlsConfig, and a warning that the password travels in clear text."""
+    values = with_values(
+        scenario("monitoring"),
+        webConfig={"config": {"basic_auth_users": {"prometheus": bcrypt_hash("pw")}}},
+        **{
+            "serviceMonitor.basicAuth": {
+                "secretName": "scrape-auth",
+                "usernameKey": "user",
+                "passwordKey": "pass",
+            }
+        },
+    )
+    objects = render(values)
+    for obj in objects:
+        validate(obj)
+    container = deployment_container(objects)
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert f"--web.config.file={WEB_DIR}/web-config.yml" in container["args"]
+    assert [
+        s["secret"]["name"] for s in pod_volume(objects, "web-config")["projected"]["sources"]
+    ] == [f"{RELEASE}-jobqueue-exporter-web-config"]
+    (endpoint,) = one(objects, "ServiceMonitor")["spec"]["endpoints"]
+    assert "scheme" not in endpoint and "tlsConfig" not in endpoint
+    assert endpoint["basicAuth"] == {
+        "username": {"name": "scrape-auth", "key": "user"},
+        "password": {"name": "scrape-auth", "key": "pass"},
+    }
+    notes = render_templates(values)[f"{CHART.name}/templates/NOTES.txt"]
+    assert "WARNING: basic auth without TLS sends the password in clear text" in notes
+
+
+def test_web_config_from_an_existing_secret_and_a_separate_client_ca() -> None:
+    values = with_values(
+        scenario("minimal"),
+        webConfig={
+            "existingSecret": "my-web-config",
+            "existingSecretKey": "web.yml",
+            "tls": {
+                "enabled": True,
+                "secretName": "jq-tls",
+                "clientCASecret": "clients-ca",
+                "clientAuthType": "VerifyClientCertIfGiven",
+            },
+        },
+    )
+    objects = render(values)
+    for obj in objects:
+        validate(obj)
+    assert [s["metadata"]["name"] for s in objects_of(objects, "Secret")] == [
+        f"{RELEASE}-jobqueue-exporter"  # the DSNs only: the web config is yours
+    ]
+    assert pod_volume(objects, "web-config")["projected"]["sources"] == [
+        {
+            "secret": {
+                "name": "my-web-config",
+                "items": [{"key": "web.yml", "path": "web-config.yml"}],
+            }
+        },
+        {
+            "secret": {
+                "name": "jq-tls",
+                "items": [
+                    {"key": "tls.crt", "path": "tls/tls.crt"},
+                    {"key": "tls.key", "path": "tls/tls.key"},
+                ],
+            }
+        },
+        {
+            "secret": {
+                "name": "clients-ca",
+                "items": [{"key": "ca.crt", "path": "tls/client-ca.crt"}],
+            }
+        },
+    ]
+    annotations = one(objects, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert "checksum/web-config" not in annotations  # the chart cannot know your Secret's content
+    container = deployment_container(objects)
+    assert f"--web.config.file={WEB_DIR}/web-config.yml" in container["args"]
+    assert container["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
+
+
+def test_users_tls_settings_win_over_the_charts() -> None:
+    """cert/key (inline PEM, kept in the Secret) or cert_file set by the user are not overwritten."""
+    pki = Pki()
+    own = {
+        "cert": pki.server.cert_chain_pems[0].bytes().decode(),
+        "key": pki.server.private_key_pem.bytes().decode(),
+        "client_ca_file": "/etc/other-ca/ca.crt",
+        "client_auth_type": "VerifyClientCertIfGiven",
+    }
+    values = with_values(
+        scenario("minimal"),
+        webConfig={
+            "config": {"tls_server_config": own},
+            "tls": {"enabled": True, "secretName": "jq-tls", "clientCAKey": "ca.crt"},
+        },
+    )
+    objects = render(values)
+    assert rendered_web_config(objects)["tls_server_config"] == own
+    for cm in objects_of(objects, "ConfigMap"):
+        assert "PRIVATE KEY" not in json.dumps(cm)
+
+
+def test_secrets_stay_out_of_config_maps() -> None:
+    """Hashes, keys and the web config are in Secrets only: no ConfigMap holds any of them."""
+    pki = Pki()
+    inline_key = pki.server.private_key_pem.bytes().decode()
+    variants = {
+        "secured": scenario("secured"),
+        "inline key": with_values(
+            scenario("monitoring"),
+            webConfig={
+                "config": {
+                    "basic_auth_users": {"alice": bcrypt_hash("a"), "bob": bcrypt_hash("b")},
+                    "tls_server_config": {
+                        "cert": pki.server.cert_chain_pems[0].bytes().decode(),
+                        "key": inline_key,
+                    },
+                }
+            },
+            **{
+                "serviceMonitor.basicAuth.secretName": "scrape-auth",
+                "serviceMonitor.tlsConfig.caSecretName": "ca",
+            },
+        ),
+    }
+    for name, values in variants.items():
+        objects = render(values)
+        hashes = list(values["webConfig"]["config"]["basic_auth_users"].values())
+        assert hashes
+        web = base64.b64decode(web_config_secret(objects)["data"]["web-config.yml"]).decode()
+        assert all(h in web for h in hashes), name
+        for cm in objects_of(objects, "ConfigMap"):
+            text = json.dumps(cm)
+            assert not BCRYPT_HASH.search(text), (name, cm["metadata"]["name"])
+            for marker in ("basic_auth_users", "tls_server_config", "PRIVATE KEY", inline_key):
+                assert marker not in text, (name, cm["metadata"]["name"], marker)
+        for obj in objects:
+            if obj["kind"] != "Secret":
+                text = json.dumps(obj)
+                assert not BCRYPT_HASH.search(text) and "PRIVATE KEY" not in text, (
+                    name,
+                    obj["kind"],
+                )
+
+
+def test_a_password_in_place_of_a_hash_is_refused_without_echoing_it(tmp_path: Path) -> None:
+    from jobqueue_exporter.config import ConfigError
+    from jobqueue_exporter.webconfig import load_web_config
+
+    password = "correct-horse-battery-staple"
+    values = with_values(
+        scenario("minimal"), webConfig={"config": {"basic_auth_users": {"prometheus": password}}}
+    )
+    with pytest.raises(helm.HelmRenderError) as caught:
+        render(values)
+    text = str(caught.value)
+    assert "webConfig.config.basic_auth_users.prometheus: not a bcrypt hash" in text
+    assert "never the password" in text and "bcrypt.hashpw" in text
+    assert password not in text
+    # the exporter would refuse the same file at startup, in the same words
+    web_file = tmp_path / "web-config.yml"
+    web_file.write_text(yaml.safe_dump(values["webConfig"]["config"]))
+    with pytest.raises(ConfigError) as refused:
+        load_web_config(web_file)
+    assert "basic_auth_users.prometheus: not a bcrypt hash" in str(refused.value)
+    assert password not in str(refused.value)
+    values["webConfig"]["config"]["basic_auth_users"]["prometheus"] = bcrypt_hash(password)
+    assert rendered_web_config(render(values))["basic_auth_users"]["prometheus"].startswith(
+        "$2b$04$"
+    )
+
+
+def test_web_limits_are_args_only_when_set() -> None:
+    from jobqueue_exporter.cli import parser
+
+    plain = deployment_container(render(scenario("minimal")))["args"]
+    assert not [a for a in plain if a.startswith("--web.")]
+    objects = render(
+        with_values(scenario("minimal"), web={"headerTimeout": "2s", "maxConcurrentScrapes": 2})
+    )
+    args = deployment_container(objects)["args"]
+    assert args[5:] == ["--web.header-timeout=2s", "--web.max-concurrent-scrapes=2"]
+    # the exporter's own command line accepts exactly these
+    parsed = parser().parse_args(args)
+    assert (parsed.web_header_timeout, parsed.web_max_concurrent_scrapes) == (2.0, 2)
+    assert (parsed.web_idle_timeout, parsed.web_max_connections) == (120.0, 64)  # defaults
+    assert parsed.web_config_file is None
+    numbers = render(
+        with_values(scenario("minimal"), web={"idleTimeout": 90, "maxConnections": 1000000})
+    )
+    assert deployment_container(numbers)["args"][5:] == [
+        "--web.idle-timeout=90",
+        "--web.max-connections=1000000",
+    ]
+    secured = parser().parse_args(deployment_container(render(scenario("secured")))["args"])
+    assert secured.web_config_file == f"{WEB_DIR}/web-config.yml"
+    assert (secured.web_header_timeout, secured.web_idle_timeout) == (5.0, 60.0)
+    assert (secured.web_max_connections, secured.web_max_concurrent_scrapes) == (32, 4)
+
+
+def test_values_schema_mirrors_the_web_config_loader() -> None:
+    """webConfig.config's schema has exactly the keys and choices the exporter's loader supports."""
+    from jobqueue_exporter import webconfig
+
+    schema = chart().schema
+    assert schema is not None
+    file = schema["definitions"]["webConfigFile"]["properties"]
+    assert set(file) == set(webconfig._TOP_KEYS)
+    tls = file["tls_server_config"]["properties"]
+    assert set(tls) == set(webconfig._TLS_KEYS)
+    assert tls["client_auth_type"]["enum"] == list(webconfig._CLIENT_AUTH)
+    assert tls["min_version"]["enum"] == tls["max_version"]["enum"] == list(webconfig._TLS_VERSIONS)
+    assert tls["cipher_suites"]["items"]["enum"] == [
+        *webconfig._TLS12_CIPHERS,
+        *webconfig._TLS13_CIPHERS,
+    ]
+    assert tls["curve_preferences"]["items"]["enum"] == list(webconfig._CURVES)
+    http = file["http_server_config"]["properties"]
+    assert set(http) == set(webconfig._HTTP_KEYS)
+    headers = http["headers"]["properties"]
+    assert set(headers) == set(webconfig._HEADERS)
+    for name, allowed in webconfig._HEADERS.items():
+        if allowed is not None:
+            assert set(headers[name]["enum"]) == {*allowed, ""}, name  # blank: not set
+    assert set(file["rate_limit"]["properties"]) == set(webconfig._RATE_LIMIT_KEYS)
+    chart_auth = schema["properties"]["webConfig"]["properties"]["tls"]["properties"]
+    assert set(chart_auth["clientAuthType"]["enum"]) == set(webconfig._CLIENT_AUTH) - {
+        "NoClientCert"
+    }
+
+
+@pytest.mark.parametrize("auth_type", ["RequireAndVerifyClientCert", "VerifyClientCertIfGiven"])
+def test_rendered_web_config_passes_the_exporters_validation(
+    auth_type: str, tmp_path: Path
+) -> None:
+    """The exporter's loader accepts the rendered file with the projected Secrets in place, and ends up with
+    what the values asked for."""
+    from jobqueue_exporter.webconfig import load_web_config
+
+    objects = render(secured_values(**{"webConfig.tls.clientAuthType": auth_type}))
+    for path, data in projected_files(objects, Pki().secrets()).items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(data)
+    config = load_web_config(tmp_path / "web-config.yml")
+    context = config.ssl_context()
+    assert context is not None and context.minimum_version == ssl.TLSVersion.TLSv1_2
+    expected = {
+        "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
+        "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
+    }
+    assert context.verify_mode == expected[auth_type]
+    assert config.auth_required  # basic_auth_users
+
+
 # --- the chart's Deployment, run for real -------------------------------------------------------------
 
 
@@ -930,11 +1589,17 @@ def console_script(name: str = "jobqueue-exporter") -> str:
     return path
 
 
-def materialise(objects: list[dict[str, Any]], root: Path) -> list[str]:
-    """Write the ConfigMap where the Deployment mounts it (under ``root``) and return the container's args
-    with that mount path rewritten to the local directory; everything else stays as rendered."""
+def materialise(
+    objects: list[dict[str, Any]],
+    root: Path,
+    cluster_secrets: dict[str, dict[str, bytes]] | None = None,
+) -> list[str]:
+    """Write the ConfigMap, and the web-config volume (the chart's Secret plus ``cluster_secrets``, the ones it
+    only names), where the Deployment mounts them (under ``root``) and return the container's args with those
+    mount paths rewritten to the local directories; everything else stays as rendered."""
     container = deployment_container(objects)
-    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "config"]
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    mount = mounts["config"]
     local = root / mount["mountPath"].lstrip("/")
     local.mkdir(parents=True)
     for key, text in config_map(objects)["data"].items():
@@ -945,17 +1610,67 @@ def materialise(objects: list[dict[str, Any]], root: Path) -> list[str]:
     args[args.index("--config") + 1] = str(
         local / config_arg.removeprefix(mount["mountPath"] + "/")
     )
+    if "web-config" in mounts:
+        web_mount = mounts["web-config"]["mountPath"]
+        web_local = root / web_mount.lstrip("/")
+        mode = pod_volume(objects, "web-config")["projected"]["defaultMode"]
+        for path, data in projected_files(objects, cluster_secrets or {}).items():
+            (web_local / path).parent.mkdir(parents=True, exist_ok=True)
+            (web_local / path).write_bytes(data)
+            (web_local / path).chmod(mode)
+        flag = "--web.config.file="
+        (i,) = [i for i, arg in enumerate(args) if arg.startswith(flag)]
+        web_arg = args[i].removeprefix(flag)
+        assert web_arg.startswith(web_mount + "/")
+        args[i] = flag + str(web_local / web_arg.removeprefix(web_mount + "/"))
     return args
 
 
+def prometheus_scrape(
+    endpoint: dict[str, Any], secrets: dict[str, dict[str, bytes]], directory: Path
+) -> dict[str, Any]:
+    """aiohttp request options doing what Prometheus does with a ServiceMonitor endpoint: its tlsConfig (CA,
+    serverName, client certificate) and basicAuth, each resolved from the Secret it selects."""
+    options: dict[str, Any] = {}
+    tls = endpoint.get("tlsConfig")
+    if tls is not None:
+        assert endpoint["scheme"] == "https"
+        assert not tls.get("insecureSkipVerify")
+        ca = tls["ca"]["secret"]
+        context = ssl.create_default_context(cadata=secrets[ca["name"]][ca["key"]].decode())
+        if "cert" in tls:
+            directory.mkdir(parents=True, exist_ok=True)
+            cert, key = tls["cert"]["secret"], tls["keySecret"]
+            (directory / "client.crt").write_bytes(secrets[cert["name"]][cert["key"]])
+            (directory / "client.key").write_bytes(secrets[key["name"]][key["key"]])
+            context.load_cert_chain(directory / "client.crt", directory / "client.key")
+        options.update(ssl=context, server_hostname=tls["serverName"])
+    if "basicAuth" in endpoint:
+        user, password = endpoint["basicAuth"]["username"], endpoint["basicAuth"]["password"]
+        options["headers"] = basic_auth(
+            secrets[user["name"]][user["key"]].decode(),
+            secrets[password["name"]][password["key"]].decode(),
+        )
+    return options
+
+
+def basic_auth(user: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
 async def wait_http(
-    session: aiohttp.ClientSession, url: str, status: int = 200, timeout: float = 30.0
+    session: aiohttp.ClientSession,
+    url: str,
+    status: int = 200,
+    timeout: float = 30.0,
+    **options: Any,
 ) -> str:
     deadline = asyncio.get_running_loop().time() + timeout
     last = "no answer"
     while asyncio.get_running_loop().time() < deadline:
         with contextlib.suppress(aiohttp.ClientError):
-            async with session.get(url) as response:
+            async with session.get(url, **options) as response:
                 body = await response.text()
                 if response.status == status:
                     return body
@@ -964,8 +1679,46 @@ async def wait_http(
     raise AssertionError(f"{url} did not answer {status} within {timeout}s (last: {last})")
 
 
+async def kubelet_probe(
+    session: aiohttp.ClientSession, probe: dict[str, Any], port: int, timeout: float = 30.0
+) -> str | None:
+    """Run a probe as the kubelet would, until it succeeds: an httpGet (over HTTPS without verifying the
+    certificate, and without credentials) returns the body; a tcpSocket probe only connects."""
+    if "tcpSocket" in probe:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+                continue
+            writer.close()
+            return None
+    get = probe["httpGet"]
+    scheme = get.get("scheme", "HTTP").lower()
+    return await wait_http(
+        session, f"{scheme}://127.0.0.1:{port}{get['path']}", timeout=timeout, ssl=False
+    )
+
+
+# plain: ci/minimal-values.yaml; mtls: ci/secured-values.yaml (client certificates required: TCP probes);
+# tls-basic-auth: the same with client certificates optional (HTTPS httpGet probes, without the password)
+RUN_SETUPS = {
+    "plain": ("minimal", {}),
+    "mtls": ("secured", {}),
+    "tls-basic-auth": ("secured", {"webConfig.tls.clientAuthType": "VerifyClientCertIfGiven"}),
+}
+
+
 @pytest.mark.timeout(120)
-async def test_exporter_runs_as_the_chart_deploys_it(dsn: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("setup", RUN_SETUPS)
+async def test_exporter_runs_as_the_chart_deploys_it(dsn: str, tmp_path: Path, setup: str) -> None:
+    """The exporter started with the rendered args, env and files. Secured: the web config Secret and trustme
+    certificates (standing in for cert-manager's and Prometheus' Secrets) are written where the pod mounts
+    them; the probes run as the kubelet would, and /metrics is scraped over HTTPS with the CA, serverName,
+    client certificate and password the ServiceMonitor names. The `helm test` pod's command runs too."""
     from procrastinate_app import apply_schema
 
     app = await apply_schema(dsn)
@@ -973,11 +1726,13 @@ async def test_exporter_runs_as_the_chart_deploys_it(dsn: str, tmp_path: Path) -
         await app.tasks["ok"].defer_async(n=1)
 
     port = free_port()
+    scenario_name, changes = RUN_SETUPS[setup]
     values = with_values(
-        scenario("minimal"),
+        scenario(scenario_name),
         containerPort=port,
         dsns={"app": dsn, "app2": dsn},
         **{"config.poll_interval": "1s"},
+        **changes,
     )
     values["config"]["targets"].append(
         {"name": "app2", "preset": "procrastinate", "queues": ["default"]}
@@ -987,8 +1742,19 @@ async def test_exporter_runs_as_the_chart_deploys_it(dsn: str, tmp_path: Path) -
         validate(obj)
     assert dsn not in json.dumps(objects_of(objects, "ConfigMap"))
     container = deployment_container(objects)
-    args = materialise(objects, tmp_path)
-    assert args[-2:] == ["--listen", f"0.0.0.0:{port}"]
+    secured = setup != "plain"
+    cluster_secrets: dict[str, dict[str, bytes]] = {}
+    scrape: dict[str, Any] = {}
+    scheme = "http"
+    if secured:
+        (endpoint,) = one(objects, "ServiceMonitor")["spec"]["endpoints"]
+        pki = Pki(server_name=endpoint["tlsConfig"]["serverName"])
+        cluster_secrets = pki.secrets()
+        scrape = prometheus_scrape(endpoint, cluster_secrets, tmp_path / "prometheus")
+        scheme = endpoint["scheme"]
+        assert set(scrape) == {"ssl", "server_hostname", "headers"}
+    args = materialise(objects, tmp_path, cluster_secrets)
+    assert args[3:5] == ["--listen", f"0.0.0.0:{port}"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOBQUEUE_")}
     env.update(container_env(objects))
     log = tmp_path / "exporter.log"
@@ -997,14 +1763,23 @@ async def test_exporter_runs_as_the_chart_deploys_it(dsn: str, tmp_path: Path) -
             console_script(), *args, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path
         )
     try:
-        base = f"http://127.0.0.1:{port}"
+        base = f"{scheme}://127.0.0.1:{port}"
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-            await wait_http(session, base + container["livenessProbe"]["httpGet"]["path"])
-            ready = await wait_http(session, base + container["readinessProbe"]["httpGet"]["path"])
+            assert await kubelet_probe(session, container["livenessProbe"], port) in ("ok\n", None)
+            ready = await kubelet_probe(session, container["readinessProbe"], port)
+            if secured:
+                if ready is not None:
+                    assert ready == "ready\n"  # the kubelet has no password: the status, no details
+                await check_secured_endpoint(session, base, scrape, pki, setup == "mtls")
+                ready = await wait_http(session, base + "/readyz", **scrape)
+            assert ready is not None
             assert ready.startswith("ready\n") and "app (procrastinate): up, polled" in ready
-            async with session.get(base + "/metrics") as response:
+            async with session.get(base + "/metrics", **scrape) as response:
                 assert response.status == 200
                 samples = parse_metrics(await response.text())
+                if secured:
+                    headers = values["webConfig"]["config"]["http_server_config"]["headers"]
+                    assert {k: response.headers.get(k) for k in headers} == headers
         assert value(samples, "jobqueue_up", target="app") == 1
         assert value(samples, "jobqueue_up", target="app2") == 1
         assert (
@@ -1019,6 +1794,26 @@ async def test_exporter_runs_as_the_chart_deploys_it(dsn: str, tmp_path: Path) -
             )
             == 1
         )
+        # `helm test`: the test pod's command, with the Service's address pointing here
+        service = f"{RELEASE}-jobqueue-exporter.{NAMESPACE}.svc"
+        service_port = str(chart().merge_values(values)["service"]["port"])
+        command = [
+            sys.executable
+            if part == "python"
+            else "127.0.0.1"
+            if part == service
+            else str(port)
+            if part == service_port
+            else part.replace(f"{service}:{service_port}", f"127.0.0.1:{port}")
+            for part in one(objects, "Pod")["spec"]["containers"][0]["command"]
+        ]
+        helm_test = await asyncio.create_subprocess_exec(
+            *command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        helm_test_output = (await asyncio.wait_for(helm_test.communicate(), 30))[0].decode()
+        assert helm_test.returncode == 0, helm_test_output
+        expected = "accepts connections" if setup == "mtls" else "/readyz 200 ready"
+        assert expected in helm_test_output, helm_test_output
         # Kubernetes stops a pod with SIGTERM: a clean, prompt exit
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), timeout=10) == 0
@@ -1028,9 +1823,60 @@ async def test_exporter_runs_as_the_chart_deploys_it(dsn: str, tmp_path: Path) -
             await process.wait()
         output = log.read_text(errors="replace")
     assert dsn not in output, "the DSN must not be logged"
+    assert SECURED_PASSWORD not in output.replace(dsn, ""), "the password must not be logged"
     # log_format: json from the chart's values: one JSON object per line
     entries = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     assert any(e["message"].startswith("listening on") for e in entries), output
+
+
+async def check_secured_endpoint(
+    session: aiohttp.ClientSession,
+    base: str,
+    scrape: dict[str, Any],
+    pki: Pki,
+    client_cert_required: bool,
+) -> None:
+    """What the secured exporter refuses, and what it serves without the password."""
+    # Prometheus' client certificate, without the password
+    identity = {k: v for k, v in scrape.items() if k != "headers"}
+    # /healthz and /readyz need no password; /readyz lists the per-target details only with it
+    assert await wait_http(session, base + "/healthz", **identity) == "ok\n"
+    assert await wait_http(session, base + "/readyz", **identity) == "ready\n"
+    async with session.get(base + "/metrics", **identity) as response:
+        assert response.status == 401
+        assert response.headers["WWW-Authenticate"] == 'Basic realm="jobqueue-exporter"'
+    wrong = basic_auth(SECURED_USER, "not-" + SECURED_PASSWORD)
+    async with session.get(base + "/metrics", headers=wrong, **identity) as response:
+        assert response.status == 401
+    no_cert = {
+        "ssl": ssl.create_default_context(cadata=pki.ca.cert_pem.bytes().decode()),
+        "server_hostname": scrape["server_hostname"],
+    }
+    if client_cert_required:
+        # without a client certificate TLS refuses the connection, even for /healthz, password or not
+        with pytest.raises((aiohttp.ClientError, ssl.SSLError, ConnectionError)):
+            async with session.get(
+                base + "/healthz", headers=scrape["headers"], **no_cert
+            ) as response:
+                await response.read()
+    else:
+        # the certificate is optional: the password alone is enough, and needed
+        assert await wait_http(session, base + "/healthz", **no_cert) == "ok\n"
+        async with session.get(base + "/metrics", **no_cert) as response:
+            assert response.status == 401
+        async with session.get(base + "/metrics", headers=scrape["headers"], **no_cert) as response:
+            assert response.status == 200
+    # Prometheus really checks the exporter's certificate: trusting another CA, the scrape fails
+    stranger = ssl.create_default_context(cadata=trustme.CA().cert_pem.bytes().decode())
+    with pytest.raises(aiohttp.ClientError):
+        async with session.get(
+            base + "/healthz", ssl=stranger, server_hostname=scrape["server_hostname"]
+        ) as response:
+            await response.read()
+    # every endpoint is HTTPS: plain HTTP gets no answer
+    with pytest.raises(aiohttp.ClientError):
+        async with session.get(base.replace("https://", "http://", 1) + "/healthz") as response:
+            await response.read()
 
 
 def test_rendering_is_deterministic() -> None:

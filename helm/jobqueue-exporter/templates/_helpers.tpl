@@ -139,3 +139,100 @@ DSN wiring, one entry per target (in config order), as a YAML list:
 # variables the pod gets from a Secret.
 {{ toYaml $config }}
 {{- end -}}
+
+{{/* Where the web config Secret and the TLS files are mounted (one projected volume, read-only). */}}
+{{- define "jobqueue-exporter.webConfigDir" -}}/etc/jobqueue-exporter-web{{- end -}}
+
+{{/*
+The web configuration (--web.config.file), as a YAML mapping every template reads:
+  enabled, secretName, key (the Secret and key holding the file), created (the chart creates that Secret),
+  file (its content when created), tlsSecret, clientCASecret, clientCAKey (what the volume projects; absent
+  when not used), https (every endpoint is HTTPS), clientCertRequired (RequireAndVerifyClientCert: no
+  httpGet probe can connect), basicAuth (basic_auth_users is set in webConfig.config; false with
+  existingSecret, whose content the chart cannot know).
+Fails with a message naming the value to set when the values contradict each other.
+*/}}
+{{- define "jobqueue-exporter.web" -}}
+{{- $w := .Values.webConfig -}}
+{{- $tls := $w.tls -}}
+{{- if and $w.config $w.existingSecret -}}
+{{- fail "webConfig: set either webConfig.config (the chart creates the Secret) or webConfig.existingSecret (your own Secret with the whole file), not both" -}}
+{{- end -}}
+{{- if and $tls.enabled (not $tls.secretName) -}}
+{{- fail "webConfig.tls.enabled: set webConfig.tls.secretName to a kubernetes.io/tls Secret (keys tls.crt and tls.key) in the release namespace, e.g. the one a cert-manager Certificate writes" -}}
+{{- end -}}
+{{- $clientCA := and $tls.enabled (or $tls.clientCASecret $tls.clientCAKey) -}}
+{{- $config := deepCopy ($w.config | default dict) -}}
+{{- $server := deepCopy (get $config "tls_server_config" | default dict) -}}
+{{- range $user, $hash := (get $config "basic_auth_users" | default dict) -}}
+{{- if not (regexMatch "^\\$2[aby]\\$[0-9]{2}\\$[./A-Za-z0-9]{53}$" (toString $hash)) -}}
+{{- /* the value is never echoed: it may be a password written where its hash belongs */ -}}
+{{- fail (printf "webConfig.config.basic_auth_users.%s: not a bcrypt hash (one looks like $2y$10$ followed by 53 characters; put the hash here, never the password): make one with python -c 'import bcrypt; print(bcrypt.hashpw(b\"PASSWORD\", bcrypt.gensalt()).decode())' or htpasswd -nBC 10 \"\" | tr -d ':\\n'" $user) -}}
+{{- end -}}
+{{- end -}}
+{{- if $tls.enabled -}}
+{{- /* relative paths resolve against the web config file's directory, where the volume projects the TLS files */ -}}
+{{- if not (or (get $server "cert_file") (get $server "cert")) -}}
+{{- $_ := set $server "cert_file" "tls/tls.crt" -}}
+{{- end -}}
+{{- if not (or (get $server "key_file") (get $server "key")) -}}
+{{- $_ := set $server "key_file" "tls/tls.key" -}}
+{{- end -}}
+{{- if $clientCA -}}
+{{- if not (or (get $server "client_ca_file") (get $server "client_ca")) -}}
+{{- $_ := set $server "client_ca_file" "tls/client-ca.crt" -}}
+{{- end -}}
+{{- if not (get $server "client_auth_type") -}}
+{{- $_ := set $server "client_auth_type" $tls.clientAuthType -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if $server -}}
+{{- if not (or (get $server "cert_file") (get $server "cert")) -}}
+{{- fail "webConfig.config.tls_server_config: no server certificate: set webConfig.tls.enabled and webConfig.tls.secretName (a kubernetes.io/tls Secret; the chart fills in cert_file and key_file), or remove tls_server_config to serve plain HTTP" -}}
+{{- end -}}
+{{- $_ := set $config "tls_server_config" $server -}}
+{{- end -}}
+{{- $web := dict "enabled" (or (not (empty $w.config)) (not (empty $w.existingSecret)) (not (empty $tls.enabled))) -}}
+{{- $_ := set $web "created" (and $web.enabled (not $w.existingSecret)) -}}
+{{- if $w.existingSecret -}}
+{{- $_ := set $web "secretName" $w.existingSecret -}}
+{{- $_ := set $web "key" $w.existingSecretKey -}}
+{{- $_ := set $web "https" (not (empty $tls.enabled)) -}}
+{{- $_ := set $web "clientCertRequired" (and $clientCA (eq $tls.clientAuthType "RequireAndVerifyClientCert")) -}}
+{{- $_ := set $web "basicAuth" false -}}
+{{- else -}}
+{{- $_ := set $web "secretName" (printf "%s-web-config" (include "jobqueue-exporter.fullname" .)) -}}
+{{- $_ := set $web "key" "web-config.yml" -}}
+{{- $_ := set $web "https" (not (empty $server)) -}}
+{{- $_ := set $web "clientCertRequired" (eq (get $server "client_auth_type" | default "NoClientCert") "RequireAndVerifyClientCert") -}}
+{{- $_ := set $web "basicAuth" (not (empty (get $config "basic_auth_users"))) -}}
+{{- $_ := set $web "file" (printf "# Rendered by the jobqueue-exporter Helm chart from its webConfig values.\n%s\n" (toYaml $config)) -}}
+{{- end -}}
+{{- if $tls.enabled -}}
+{{- $_ := set $web "tlsSecret" $tls.secretName -}}
+{{- if $clientCA -}}
+{{- $_ := set $web "clientCASecret" ($tls.clientCASecret | default $tls.secretName) -}}
+{{- $_ := set $web "clientCAKey" ($tls.clientCAKey | default "ca.crt") -}}
+{{- end -}}
+{{- end -}}
+{{- $sm := .Values.serviceMonitor -}}
+{{- if $sm.enabled -}}
+{{- if and $web.basicAuth (not $sm.basicAuth.secretName) -}}
+{{- fail "webConfig.config.basic_auth_users is set, so Prometheus must log in: set serviceMonitor.basicAuth.secretName to a Secret (in the ServiceMonitor's namespace) with the user name and the password under serviceMonitor.basicAuth.usernameKey / passwordKey" -}}
+{{- end -}}
+{{- if and $web.clientCertRequired (not $sm.tlsConfig.certSecretName) -}}
+{{- fail "client certificates are required (RequireAndVerifyClientCert), so Prometheus must present one: set serviceMonitor.tlsConfig.certSecretName to a kubernetes.io/tls Secret (in the ServiceMonitor's namespace) issued by the client CA, or use webConfig.tls.clientAuthType: VerifyClientCertIfGiven" -}}
+{{- end -}}
+{{- if and $web.https (not $sm.tlsConfig.insecureSkipVerify) (not $sm.tlsConfig.caSecretName) -}}
+{{- if not $tls.enabled -}}
+{{- fail "webConfig.config.tls_server_config is set, so Prometheus scrapes over HTTPS: set serviceMonitor.tlsConfig.caSecretName (and caKey) to the CA that issued the exporter's certificate" -}}
+{{- end -}}
+{{- $smNamespace := $sm.namespace | default .Release.Namespace -}}
+{{- if ne $smNamespace .Release.Namespace -}}
+{{- fail (printf "serviceMonitor.namespace is %s, but prometheus-operator reads the CA Secret from the ServiceMonitor's namespace, not from the release's (%s, where webConfig.tls.secretName is): set serviceMonitor.tlsConfig.caSecretName to a Secret in %s holding the CA" $smNamespace .Release.Namespace $smNamespace) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- toYaml $web -}}
+{{- end -}}

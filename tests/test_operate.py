@@ -195,7 +195,12 @@ async def test_jobs_lists_real_procrastinate_jobs_truthfully(
         out, _ = await cli_json("jobs", "--config", config, "--target", "app", "--state", "running")
         assert out["command"] == "jobs" and len(out["jobs"]) == 3
         assert sorted(j["is_stale"] for j in out["jobs"]) == [False, True, True]
-        assert {j["hint"] for j in out["jobs"] if j["is_stale"]} == {"stale: run recover-stale"}
+        assert [j["is_stale"] for j in out["jobs"]] == [True, True, False], "stale jobs first"
+        assert {j["hint"] for j in out["jobs"] if j["is_stale"]} == {
+            f"stale: preview the reset with `jobqueue-exporter recover-stale --config {config}"
+            " --target app`"
+        }
+        assert out["selection"] == {"jobs": 3, "stale": 2, "retryable": 0}
         code, text, _ = await cli("jobs", "--config", config, "--target", "app")
         assert code == 0
         header = text.splitlines()[2]

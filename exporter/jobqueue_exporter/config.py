@@ -252,6 +252,9 @@ class TableMapping(_Strict):
     queue: Identifier | None = None
     kind: Identifier | None = None
     attempts: Identifier | None = None
+    # shown by the `jobs` command (and, for last_error, used to tell a requeued failure)
+    last_error: Identifier | None = None
+    lock_owner: Identifier | None = None
     timestamps: Timestamps = Timestamps()
     stale: StaleRule | None = None
 

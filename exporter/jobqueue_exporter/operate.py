@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
+import shlex
 import sys
 import time
 from collections import Counter
@@ -93,6 +95,11 @@ class Session:
     preset: Preset
     stale_after: float
     conn: asyncpg.Connection
+    # how hints spell a follow-up command (``{verb}`` replaced), so it can be copied as is
+    command: str = "jobqueue-exporter {verb}"
+
+    def cli(self, verb: str, *args: str) -> str:
+        return " ".join([self.command.replace("{verb}", verb), *args])
 
 
 # -- session --------------------------------------------------------------------------------------
@@ -182,10 +189,10 @@ def _hint(s: Session, row: dict[str, Any]) -> str:
     if row["is_stale"]:
         if s.target.builtin_rescue_problems():
             return f"stale: {s.preset.name}'s own sweep resets it"
-        return "stale: run recover-stale"
+        return f"stale: preview the reset with `{s.cli('recover-stale')}`"
     if row["can_retry"]:
-        to = " --to STATE" if s.preset.retry is None else ""
-        return f"{row['state']}: retry with `jobqueue-exporter retry {row['id']}{to}`"
+        to = ["--to", "STATE"] if s.preset.retry is None else []
+        return f"{row['state']}: retry with `{s.cli('retry', shlex.quote(row['id']), *to)}`"
     if row["state"] in ("failed", "dead"):
         return f"{row['state']}: cannot be retried now ({s.preset.retry_rule})"
     return ""
@@ -196,26 +203,117 @@ def _job(s: Session, row: asyncpg.Record) -> Job:
     return Job(**values, hint=_hint(s, values))
 
 
-async def list_jobs(
-    s: Session, states: Sequence[str], queue: str | None, kind: str | None, limit: int
-) -> list[Job]:
-    """Live states through the partial indexes, then terminal ones newest id first, up to ``limit``."""
+@dataclass(frozen=True)
+class Selection:
+    """The whole set of jobs a ``jobs`` invocation selects, counted in full (not just the page shown)."""
+
+    jobs: int | None  # None: counting took longer than statement_timeout
+    stale: int
+    retryable: int | None
+
+
+def _listings(s: Session, states: Sequence[str]) -> list[tuple[Statement, list[str]]]:
     live = [state for state in states if state in LIVE_STATES]
     terminal = [state for state in states if state not in LIVE_STATES]
-    rows: list[asyncpg.Record] = []
+    return [
+        (statement, wanted)
+        for statement, wanted in ((s.preset.list_live, live), (s.preset.list_terminal, terminal))
+        if wanted and statement is not None
+    ]
+
+
+async def _stale_page(
+    s: Session, queue: str | None, kind: str | None, limit: int
+) -> tuple[int, list[Job]]:
+    """Every stale job of the selection (by the very statement the exporter counts them with), and
+    the first ``limit`` of them looked up by id."""
+    candidates = await stale_candidates(s, queue, kind, in_transaction=False)
+    page = []
+    for candidate in candidates[:limit]:
+        try:
+            page.append(await get_job(s, candidate.id))
+        except OperatorError:  # finished since the stale read (same snapshot: cannot happen)
+            continue
+    return len(candidates), page
+
+
+async def list_jobs(
+    s: Session,
+    states: Sequence[str],
+    queue: str | None,
+    kind: str | None,
+    limit: int,
+    stale_only: bool = False,
+) -> list[Job]:
+    """Stale jobs first, then live states through the partial indexes, then terminal ones newest id
+    first, up to ``limit``."""
+    jobs, _ = await select_jobs(s, states, queue, kind, limit, stale_only, count=False)
+    return jobs
+
+
+async def select_jobs(
+    s: Session,
+    states: Sequence[str],
+    queue: str | None,
+    kind: str | None,
+    limit: int,
+    stale_only: bool = False,
+    count: bool = True,
+) -> tuple[list[Job], Selection | None]:
+    """One page of the selection (stale jobs first) and, with ``count``, the counts of all of it. One
+    REPEATABLE READ snapshot, so the page and the counts agree."""
     async with s.conn.transaction(isolation="repeatable_read", readonly=True):
-        for statement, wanted in ((s.preset.list_live, live), (s.preset.list_terminal, terminal)):
-            if wanted and statement is not None and len(rows) < limit:
-                rows += await s.conn.fetch(
-                    statement.sql,
+        stale_total, page = 0, []
+        if "running" in states and s.preset.stale_jobs is not None:
+            stale_total, page = await _stale_page(s, queue, kind, limit)
+        if stale_only:
+            return page, Selection(stale_total, stale_total, 0) if count else None
+        shown = {job.id for job in page}
+        for statement, wanted in _listings(s, states):
+            if len(page) >= limit:
+                break
+            # over-fetch by the stale jobs already shown, which this listing returns again
+            rows = await s.conn.fetch(
+                statement.sql,
+                s.stale_after,
+                wanted,
+                queue,
+                kind,
+                limit - len(page) + len(shown),
+                *statement.params,
+            )
+            page += [_job(s, row) for row in rows if row["id"] not in shown][: limit - len(page)]
+        selection = await _count_selection(s, states, queue, kind, stale_total) if count else None
+    return page, selection
+
+
+async def _count_selection(
+    s: Session, states: Sequence[str], queue: str | None, kind: str | None, stale: int
+) -> Selection:
+    """Count the whole selection with the listing statements themselves (``LIMIT NULL`` is no limit),
+    so the counts use exactly the listing's predicate. Terminal states may have a long history: if the
+    count exceeds statement_timeout, say so instead of failing the listing."""
+    jobs = retryable = 0
+    for statement, wanted in _listings(s, states):
+        try:
+            async with (
+                s.conn.transaction()
+            ):  # a savepoint: a cancelled count leaves the rest usable
+                row = await s.conn.fetchrow(
+                    "SELECT count(*) AS jobs, count(*) FILTER (WHERE can_retry) AS retryable"
+                    f" FROM ({statement.sql}) AS selection",
                     s.stale_after,
                     wanted,
                     queue,
                     kind,
-                    limit - len(rows),
+                    None,
                     *statement.params,
                 )
-    return [_job(s, row) for row in rows]
+        except asyncpg.QueryCanceledError:
+            return Selection(None, stale, None)
+        jobs += row["jobs"]
+        retryable += row["retryable"]
+    return Selection(jobs, stale, retryable)
 
 
 async def get_job(s: Session, job_id: str) -> Job:
@@ -230,19 +328,27 @@ async def get_job(s: Session, job_id: str) -> Job:
 
 
 async def jobs_report(s: Session, args: argparse.Namespace) -> Report:
-    states = args.state or list(DEFAULT_STATES)
-    jobs = await list_jobs(s, states, args.queue, args.kind, args.limit)
-    stale = sum(job.is_stale for job in jobs)
-    retryable = sum(job.can_retry for job in jobs)
-    more = " (--limit reached)" if len(jobs) >= args.limit else ""
+    stale_only = bool(getattr(args, "stale", False))
+    states = ["running"] if stale_only else (args.state or list(DEFAULT_STATES))
+    jobs, selection = await select_jobs(s, states, args.queue, args.kind, args.limit, stale_only)
+    assert selection is not None
+    what = "stale job(s)" if stale_only else f"job(s) in {', '.join(states)}"
+    if selection.jobs is None:
+        total = f"{len(jobs)} shown, more not counted (counting exceeded statement_timeout)"
+        counts = f"{selection.stale} stale"
+    else:
+        total = f"{selection.jobs} {what}" + (
+            f", {len(jobs)} shown (--limit {args.limit})" if len(jobs) < selection.jobs else ""
+        )
+        counts = f"{selection.stale} stale, {selection.retryable} retryable"
     return Report(
         command="jobs",
         target=s.target.name,
         result="listed",
-        summary=f"{len(jobs)} job(s){more} in {', '.join(states)}: {stale} stale, "
-        f"{retryable} retryable",
+        summary=total if stale_only else f"{total}: {counts}",
         columns=JOB_COLUMNS,
         rows=[asdict(job) for job in jobs],
+        details={"selection": asdict(selection), "stale_first": True},
     )
 
 
@@ -258,9 +364,14 @@ def refuse_builtin_rescue(target: Target) -> None:
         )
 
 
-async def stale_candidates(s: Session, queue: str | None, kind: str | None) -> list[StaleJob]:
+async def stale_candidates(
+    s: Session, queue: str | None, kind: str | None, in_transaction: bool = True
+) -> list[StaleJob]:
     statement = _statement(s, s.preset.stale_jobs, "recover-stale", "no stale-job statement")
-    async with s.conn.transaction(isolation="repeatable_read", readonly=True):
+    if in_transaction:
+        async with s.conn.transaction(isolation="repeatable_read", readonly=True):
+            rows = await s.conn.fetch(statement.sql, s.stale_after, *statement.params)
+    else:
         rows = await s.conn.fetch(statement.sql, s.stale_after, *statement.params)
     return [
         StaleJob(r["id"], r["queue"], r["kind"], r["token"])
@@ -497,17 +608,21 @@ CHANGED_COLUMNS = ("id", "queue", "kind", "new_state")
 _CELL_WIDTH = 48
 
 
-def _cell(value: Any) -> str:
+# never shortened: a hint holds a command to copy
+_FULL_WIDTH = {"hint"}
+
+
+def _cell(value: Any, full: bool = False) -> str:
     if value is None:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
     text = " ".join(str(value).split())
-    return text if len(text) <= _CELL_WIDTH else text[: _CELL_WIDTH - 1] + "…"
+    return text if full or len(text) <= _CELL_WIDTH else text[: _CELL_WIDTH - 1] + "…"
 
 
 def render_table(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
-    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    cells = [[_cell(row.get(c), c in _FULL_WIDTH) for c in columns] for row in rows]
     header = [c.upper() for c in columns]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
     lines = [header, *cells]
@@ -553,11 +668,15 @@ def _run(
     config = load_config(args.config)  # a ConfigError is reported by cli.main (exit 2)
     setup_logging(config.log_format, "info")
 
+    command = f"jobqueue-exporter {{verb}} --config {shlex.quote(str(args.config))} --target " + (
+        shlex.quote(args.target)
+    )
+
     async def go() -> Report:
         if check is not None:
             check(find_target(config, args.target))
         async with open_session(config, args.target, retry_state) as session:
-            return await body(session, args)
+            return await body(dataclasses.replace(session, command=command), args)
 
     try:
         report = asyncio.run(go())

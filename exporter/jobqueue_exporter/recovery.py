@@ -79,15 +79,22 @@ def record_run(
     omitted = total - min(len(changed), MAX_LOGGED_IDS)
     level = logging.WARNING if result in ("error", "capped") else logging.INFO
     considered = "" if candidates is None else f"{len(candidates)} candidate(s), "
+    # the text line carries the ids too: an operator grepping a log for a job id finds the run
+    id_text = "; ".join(
+        f"{q}/{k}: {', '.join(group)}" for (q, k), group in sorted(by_group.items())
+    )
+    if omitted > 0:
+        id_text += f"; {omitted} more id(s) not listed"
     log.log(
         level,
-        "%s on target %s: %s (%s%d job(s) %s)",
+        "%s on target %s: %s (%s%d job(s) %s)%s",
         event,
         target,
         result,
         considered,
         total,
         f"would be {verb}" if dry_run else verb,
+        f": {id_text}" if id_text else "",
         extra={
             "event": event,
             "target": target,

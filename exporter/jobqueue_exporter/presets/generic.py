@@ -51,6 +51,7 @@ class _Constants:
 def required_columns(table: TableMapping) -> dict[str, tuple[str, ...]]:
     ts = table.timestamps
     columns = [table.id, table.state.column, table.queue, table.kind, table.attempts]
+    columns += [table.last_error, table.lock_owner]
     columns += [ts.enqueued, ts.eligible, ts.started, ts.finished]
     columns += [table.stale.column if table.stale else None]
     return {table.name: tuple(dict.fromkeys(c for c in columns if c))}
@@ -287,6 +288,8 @@ def _operator_statements(
     retryable_values = mapping.values_for("failed", "dead")
     attempts = f"{col(table.attempts)}::bigint" if table.attempts else "NULL::bigint"
     filters = f"($3::text IS NULL OR {queue} = $3) AND ($4::text IS NULL OR {kind} = $4)"
+    last_error = f"{col(table.last_error)}::text" if table.last_error else "NULL::text"
+    lock_owner = f"{col(table.lock_owner)}::text" if table.lock_owner else "NULL::text"
 
     def job_columns(c: _Constants) -> tuple[str, str]:
         """The listing's select list (``$1`` = stale_after) and its canonical state expression."""
@@ -303,11 +306,11 @@ def _operator_statements(
             WHEN {state} = ANY({c.values_of(mapping.cancelled)}) THEN 'cancelled' END"""
         select = f"""
 SELECT {job_id}::text AS id, {queue} AS queue, {kind} AS kind, ({canonical}) AS state,
-       {state}::text AS native_state, {attempts} AS attempts, NULL::text AS last_error,
-       NULL::text AS lock_owner,
+       {state}::text AS native_state, {attempts} AS attempts, {last_error} AS last_error,
+       {lock_owner} AS lock_owner,
        ({state} = ANY({c.values_of(mapping.running)}) AND coalesce({stale}, false)) AS is_stale,
        ({state} = ANY({c.values_of(retryable_values)})) AS can_retry
-FROM {rel}"""
+FROM {rel} AS j"""
         return select, canonical
 
     def listing(where_values: list[str], order: str) -> Statement:
@@ -316,7 +319,7 @@ FROM {rel}"""
         select, canonical = job_columns(c)
         return c.statement(f"""{select}
 WHERE {state} = ANY({c.values_of(where_values)}) AND ({canonical}) = ANY($2::text[]) AND {filters}
-ORDER BY {job_id} {order}
+ORDER BY j.{job_id} {order}
 LIMIT $5
 """)
 
@@ -383,11 +386,12 @@ WITH cand AS (
 )
 SELECT key::text AS id, queue, kind, state FROM deleted ORDER BY key
 """)
+        # ORDER BY the table's column, not the text alias `id` (which would sort 10 before 9)
         purge_preview = c.statement(f"""
 SELECT {job_id}::text AS id, {queue} AS queue, {kind} AS kind, {state}::text AS state
-FROM {rel}
+FROM {rel} AS j
 WHERE {purgeable} AND {after}
-ORDER BY {job_id}
+ORDER BY j.{job_id}
 LIMIT $4
 """)
     return {

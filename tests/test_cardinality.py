@@ -547,7 +547,7 @@ async def test_series_per_target_stay_within_the_documented_bound(
     assert len(keys) == (15 + 1) * (20 + 1) == 336
     outcomes = len(poller.preset.outcomes)
     per_key = 7 + 3 + outcomes + 1
-    assert per_key == 15
+    assert per_key == 16, "generic with attempts: succeeded, failed, dead, cancelled, retried"
     assert len(keyed) == len(keys) * per_key
     assert sum(1 for (name, labels) in keyed if ("queue", "tenant000") in labels) == 21 * per_key
     assert total(samples, "jobqueue_jobs", state="pending") == 200 * 30

@@ -124,7 +124,7 @@ MISTAKES = [
     ("null-targets", "targets:\n", "targets", ["at least one target is required"]),
     (
         "targets-not-a-list",
-        "targets:\n  main: {dsn: x}\n",
+        "targets:\n  main: {dsn: postgresql://u@h/db}\n",
         "targets",
         ["must be a list"],
     ),
@@ -305,7 +305,7 @@ MISTAKES = [
         "listen-port-out-of-range",
         one_target(head="listen: '0.0.0.0:70000'\n"),
         "listen",
-        ["must be host:port"],
+        ["port 70000 is out of range (0-65535)"],
     ),
     (
         "zero-statement-timeout",
@@ -592,7 +592,9 @@ def test_dsn_file_that_is_a_directory(tmp_path: Path) -> None:
 )
 def test_invalid_target_names(name: str) -> None:
     with pytest.raises(ConfigError) as info:
-        load_config_data({"targets": [{"name": name, "dsn": "x", "preset": "publaryn"}]})
+        load_config_data(
+            {"targets": [{"name": name, "dsn": "postgresql://u@h/db", "preset": "publaryn"}]}
+        )
     (problem,) = info.value.problems
     assert split(problem)[0].endswith(".name")
     assert "must be 1-63 characters" in problem
@@ -602,7 +604,16 @@ def test_invalid_target_names(name: str) -> None:
 def test_invalid_label_names(label: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config_data(
-            {"targets": [{"name": "a", "dsn": "x", "preset": "publaryn", "labels": {label: "v"}}]}
+            {
+                "targets": [
+                    {
+                        "name": "a",
+                        "dsn": "postgresql://u@h/db",
+                        "preset": "publaryn",
+                        "labels": {label: "v"},
+                    }
+                ]
+            }
         )
     (problem,) = info.value.problems
     assert split(problem)[0] == f"targets[0](a).labels.{label}"
@@ -615,7 +626,16 @@ def test_invalid_label_names(label: str) -> None:
 def test_reserved_label_names(label: str) -> None:
     with pytest.raises(ConfigError, match=f"labels.{label}: label name '{label}' is reserved"):
         load_config_data(
-            {"targets": [{"name": "a", "dsn": "x", "preset": "publaryn", "labels": {label: "v"}}]}
+            {
+                "targets": [
+                    {
+                        "name": "a",
+                        "dsn": "postgresql://u@h/db",
+                        "preset": "publaryn",
+                        "labels": {label: "v"},
+                    }
+                ]
+            }
         )
 
 
@@ -686,7 +706,16 @@ def test_durations(text, seconds: float) -> None:
 def test_invalid_durations_in_config(text: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config_data(
-            {"targets": [{"name": "a", "dsn": "x", "preset": "publaryn", "stale_after": text}]}
+            {
+                "targets": [
+                    {
+                        "name": "a",
+                        "dsn": "postgresql://u@h/db",
+                        "preset": "publaryn",
+                        "stale_after": text,
+                    }
+                ]
+            }
         )
     (problem,) = info.value.problems
     assert split(problem)[0] == "targets[0](a).stale_after"
@@ -876,7 +905,7 @@ def test_numeric_and_boolean_state_values(tmp_path: Path) -> None:
             "targets": [
                 {
                     "name": "b",
-                    "dsn": "x",
+                    "dsn": "postgresql://u@h/db",
                     "table": {
                         "name": "jobs",
                         "state": {"column": "busy", "running": [True], "pending": [False]},
@@ -900,7 +929,7 @@ def test_keywords_and_mixed_case_identifiers_are_valid(identifier: str) -> None:
             "targets": [
                 {
                     "name": "a",
-                    "dsn": "x",
+                    "dsn": "postgresql://u@h/db",
                     "schema": identifier,
                     "table": {
                         "name": identifier,
@@ -991,7 +1020,12 @@ CLI_MISTAKES = [
     ("invalid-yaml", "targets:\n  - name: [a\n", 1, "not valid YAML at line 3"),
     ("empty-file", "", 1, "expected a mapping"),
     ("top-level-list", "- a\n- b\n", 1, "expected a mapping"),
-    ("unknown-preset", "targets:\n- {name: a, dsn: x, preset: celery}\n", 1, "unknown preset"),
+    (
+        "unknown-preset",
+        "targets:\n- {name: a, dsn: postgresql://u@h/db, preset: celery}\n",
+        1,
+        "unknown preset",
+    ),
     (
         "many-problems",
         "poll_intervall: 5s\nlog_format: xml\n"
@@ -1014,7 +1048,7 @@ CLI_MISTAKES = [
     ),
     (
         "injection-in-table-name",
-        "targets:\n- name: a\n  dsn: x\n  table:\n    name: 'jobs; DROP TABLE x; --'\n"
+        "targets:\n- name: a\n  dsn: postgresql://u@h/db\n  table:\n    name: 'jobs; DROP TABLE x; --'\n"
         "    state: {column: s, pending: [p], running: [r]}\n"
         "    timestamps: {enqueued: e, started: s}\n",
         1,
@@ -1044,7 +1078,9 @@ def test_check_invalid_config_exits_2_with_one_line_per_problem(
 
 
 def test_run_and_once_reject_invalid_config_like_check(tmp_path: Path) -> None:
-    config_file = write(tmp_path, "targets:\n- {name: a, dsn: x, preset: celery}\n")
+    config_file = write(
+        tmp_path, "targets:\n- {name: a, dsn: postgresql://u@h/db, preset: celery}\n"
+    )
     for command in ("run", "once"):
         result = run_cli(command, "--config", str(config_file))
         assert result.returncode == 2, (command, result.stderr)

@@ -51,6 +51,8 @@ IDENTIFIER_FIELDS = [
     "table.queue",
     "table.kind",
     "table.attempts",
+    "table.last_error",
+    "table.lock_owner",
     "table.timestamps.enqueued",
     "table.timestamps.eligible",
     "table.timestamps.started",
@@ -68,7 +70,12 @@ def base_target() -> dict[str, Any]:
         "dsn": "postgresql://nobody@127.0.0.1:1/db",
         "table": {
             "name": "jobs",
-            "state": {"column": "status", "pending": ["pending"], "running": ["running"]},
+            "state": {
+                "column": "status",
+                "pending": ["pending"],
+                "running": ["running"],
+                "succeeded": ["done"],
+            },
             "timestamps": {"enqueued": "created_at", "started": "started_at"},
         },
     }
@@ -201,6 +208,8 @@ def evil_target(dsn: str) -> dict[str, Any]:
                 "failed": [FAILED],
                 "dead": [DEAD],
                 "cancelled": [CANCELLED, ""],
+                # values that merely look like the mapped ones: deliberately no state
+                "ignore": ["pending", "x", "running", "scheduled", "null"],
             },
             "timestamps": {
                 "enqueued": "created_at",
@@ -347,7 +356,12 @@ async def test_malicious_values_for_an_enum_state_column(db: asyncpg.Connection,
                     "dsn": dsn,
                     "table": {
                         "name": "jobs",
-                        "state": {"column": "status", "pending": [PENDING], "running": [RUNNING]},
+                        "state": {
+                            "column": "status",
+                            "pending": [PENDING],
+                            "running": [RUNNING],
+                            "ignore": ["idle"],
+                        },
                         "timestamps": {"enqueued": "created_at", "started": "started_at"},
                     },
                 }
@@ -613,10 +627,15 @@ def test_generated_sql_quotes_every_identifier() -> None:
             "targets": [
                 {
                     "name": "t",
-                    "dsn": "x",
+                    "dsn": "postgresql://u@h/db",
                     "table": {
                         **names,
-                        "state": {"column": "select", "pending": ["p"], "running": ["r"]},
+                        "state": {
+                            "column": "select",
+                            "pending": ["p"],
+                            "running": ["r"],
+                            "succeeded": ["s"],
+                        },
                         "timestamps": {
                             "enqueued": "from",
                             "eligible": "where",

@@ -229,7 +229,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     setup_logging(config.log_format, config.log_level)
     if args.listen:
-        parse_listen(args.listen)
+        try:
+            parse_listen(args.listen)
+        except ValueError as exc:
+            raise ValueError(f"--listen: {exc}") from None
     web_config = None
     if args.web_config_file:
         from .webconfig import load_web_config

@@ -166,19 +166,21 @@ class StateMapping(_Strict):
     failed: list[NativeValue] = []
     dead: list[NativeValue] = []
     cancelled: list[NativeValue] = []
+    # values the column holds that are deliberately exported as no state (e.g. archived rows)
+    ignore: list[NativeValue] = []
 
     @model_validator(mode="after")
     def _check_values(self) -> StateMapping:
         problems: list[tuple[tuple[str | int, ...], str]] = []
         seen: dict[str, str] = {}
-        for state in CANONICAL_STATES:
+        for state in (*CANONICAL_STATES, "ignore"):
             for i, native in enumerate(getattr(self, state)):
                 if native in seen:
                     problems.append(
                         (
                             (state, i),
                             f"value {native!r} is mapped to both {seen[native]!r} and {state!r}: "
-                            "map each native value to exactly one canonical state"
+                            "map each native value to exactly one canonical state (or ignore it)"
                             if seen[native] != state
                             else f"value {native!r} is listed twice under {state!r}",
                         )
@@ -186,7 +188,11 @@ class StateMapping(_Strict):
                 seen.setdefault(native, state)
         if not self.running:
             problems.append(
-                (("running",), "no value is mapped to 'running': add e.g. running: [running]")
+                (
+                    ("running",),
+                    "no value is mapped to 'running' (running ages and the stale rule need it): "
+                    "add e.g. running: [running]",
+                )
             )
         if not (self.pending or self.scheduled or self.retrying):
             problems.append(
@@ -202,12 +208,24 @@ class StateMapping(_Strict):
     def values_for(self, *states: str) -> list[str]:
         return [value for state in states for value in getattr(self, state)]
 
+    def state_of(self, native: str) -> str | None:
+        """The canonical state a native value is mapped to (``ignore`` for ignored ones), else None."""
+        for state in (*CANONICAL_STATES, "ignore"):
+            if native in getattr(self, state):
+                return state
+        return None
+
+
+EpochUnit = Literal["seconds", "milliseconds"]
+
 
 class Timestamps(_Strict):
     enqueued: Identifier | None = None
     eligible: Identifier | None = None
     started: Identifier | None = None
     finished: Identifier | None = None
+    # number columns among the mapping's time columns hold this much since 1970-01-01 UTC
+    epoch_unit: EpochUnit | None = None
 
 
 class StaleRule(_Strict):
@@ -277,6 +295,17 @@ class TableMapping(_Strict):
                 (
                     ("timestamps",),
                     "timestamps.started (or stale.started_before) is required to compute running ages",
+                )
+            )
+        # mappings that validate but could never produce what they promise
+        if ts.finished and not self.state.values_for("succeeded", "failed", "dead"):
+            problems.append(
+                (
+                    ("timestamps", "finished"),
+                    "no value is mapped to succeeded, failed or dead, so the finished-job counters "
+                    "and the success ratio would stay 0 while jobs finish: map the finished values "
+                    "(e.g. state.succeeded: [completed], state.failed: [failed]) or remove "
+                    "timestamps.finished",
                 )
             )
         _raise_problems(problems)
@@ -352,6 +381,11 @@ class Target(_Strict):
             raise ValueError(
                 "dsn is empty: set a connection URI, e.g. postgresql://user@host:5432/db or ${DSN}"
             )
+        if value is not None:
+            from .dsn import dsn_problems
+
+            # asyncpg would misread these silently (a password turned into a host name, ...)
+            _raise_problems([((), problem) for problem in dsn_problems(value)])
         return value
 
     @field_validator("preset")
@@ -485,6 +519,8 @@ class Target(_Strict):
             )
         if self.preset == "generic" and self.table is None:
             problems.append(((), "preset 'generic' needs a 'table' mapping"))
+        if self.table is not None:
+            problems += self._table_problems(self.table)
         if (
             self.table is not None
             and self.table.schema_ is not None
@@ -501,6 +537,27 @@ class Target(_Strict):
         problems += self._recovery_problems()
         _raise_problems(problems)
         return self
+
+    def _table_problems(self, table: TableMapping) -> list[tuple[tuple[str | int, ...], str]]:
+        """Target settings a table mapping cannot honour."""
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        if self.finished_counting == "on" and not table.timestamps.finished:
+            problems.append(
+                (
+                    ("finished_counting",),
+                    "'on' needs table.timestamps.finished (the column telling when a job finished): "
+                    "map it, or remove finished_counting",
+                )
+            )
+        if self.count_terminal_states and not table.state.values_for("failed", "dead", "cancelled"):
+            problems.append(
+                (
+                    ("count_terminal_states",),
+                    "no value is mapped to failed, dead or cancelled, so there is nothing to count: "
+                    "map them under table.state, or remove count_terminal_states",
+                )
+            )
+        return problems
 
     def _recovery_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
         recovery = self.recovery
@@ -642,9 +699,14 @@ class Config(_Strict):
 def parse_listen(value: str) -> tuple[str, int]:
     """Split ``host:port`` (``[::1]:port`` for IPv6); raise ValueError with the expected form."""
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+    if not sep or not port.isdigit():
         raise ValueError(
             f"listen address {value!r} must be host:port, e.g. 0.0.0.0:{DEFAULT_PORT} or [::]:{DEFAULT_PORT}"
+        )
+    if not 0 <= int(port) < 65536:
+        raise ValueError(
+            f"listen address {value!r}: port {int(port)} is out of range (0-65535), e.g. "
+            f"{host or '0.0.0.0'}:{DEFAULT_PORT}"
         )
     return host.strip("[]") or "0.0.0.0", int(port)
 
@@ -846,8 +908,13 @@ def load_config(path: str | Path) -> Config:
                 problems.append(f"{where}: {dsn_file} does not exist or is not a file")
             else:
                 try:
-                    if not dsn_file.read_text().strip():
+                    text = dsn_file.read_text().strip()
+                    if not text:
                         problems.append(f"{where}: {dsn_file} is empty: put the DSN in it")
+                    else:
+                        from .dsn import dsn_problems
+
+                        problems += [f"{where}: {dsn_file}: {p}" for p in dsn_problems(text)]
                 except (OSError, UnicodeDecodeError) as exc:
                     problems.append(
                         f"{where}: cannot read {dsn_file}: {getattr(exc, 'strerror', None) or exc}"

@@ -27,6 +27,7 @@ import asyncio
 import dataclasses
 import json
 import shlex
+import socket
 import sys
 import time
 from collections import Counter
@@ -39,7 +40,14 @@ import asyncpg
 
 from .config import Config, Target, load_config, parse_duration
 from .logs import setup_logging
-from .poll import SchemaProblem, check_schema, resolve_preset, stale_after_for
+from .poll import (
+    SchemaProblem,
+    check_schema,
+    describe_endpoint,
+    explain,
+    resolve_preset,
+    stale_after_for,
+)
 from .presets import Preset, Statement
 from .recovery import MAX_LOGGED_IDS, Recoverer, StaleJob, connect_rw, record_run
 
@@ -687,7 +695,13 @@ def _run(
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except DB_ERRORS as exc:
-        print(f"error: target {args.target}: {str(exc) or type(exc).__name__}", file=sys.stderr)
+        text = str(exc) or type(exc).__name__
+        if isinstance(exc, (socket.gaierror, ConnectionRefusedError)):
+            # name the host, as the poller does ("could not resolve host db.internal")
+            target = find_target(config, args.target)
+            dsn = target.recovery.dsn or target.resolve_dsn()
+            text = str(explain(exc, True, describe_endpoint(dsn)))
+        print(f"error: target {args.target}: {text}", file=sys.stderr)
         return 1
     print(render(report, args.json))
     return 0

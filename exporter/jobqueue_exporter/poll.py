@@ -12,8 +12,11 @@ Safety rules for the database, all enforced here:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import difflib
 import logging
 import random
+import re
 import socket
 import time
 from collections import Counter
@@ -26,16 +29,18 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 
 from . import __version__
-from .config import CANONICAL_STATES, Config, Target
+from .config import CANONICAL_STATES, Config, StateMapping, TableMapping, Target
 from .presets import PRESETS, Preset, generic
 from .recovery import Recoverer, RecoveryState, StaleJob
 from .snapshot import LabelPolicy, SuccessWindow, TargetSnapshot, build_snapshot, forget_keys
-from .watermark import FinishedRow, FinishedTail, SnapshotInfo
+from .watermark import FinishedRow, FinishedTail, RequeuedRow, RequeueTracker, SnapshotInfo
 
 log = logging.getLogger(__name__)
 
 TAIL_ROW_LIMIT = 100_000
 BACKFILL_ROW_LIMIT = 200_000
+# budget of the requeued-jobs read (generic tables): beyond it `retried` is not counted for that poll
+REQUEUED_ROW_LIMIT = 10_000
 CONNECT_TIMEOUT = 10.0
 MIN_POLL_DEADLINE = 2.0
 
@@ -156,9 +161,18 @@ async def check_schema(conn: asyncpg.Connection, target: Target, preset: Preset)
         )
     problems = []
     where = f"schema {schema}" if schema else "the search_path"
+    missing_tables = [table for table in preset.required_columns if table not in found]
+    elsewhere = await _schemas_holding(conn, missing_tables) if missing_tables else {}
     for table, columns in preset.required_columns.items():
         if table not in found:
-            problems.append(f"table {table!r} not found in {where}")
+            problem = f"table {table!r} not found in {where}"
+            others = [s for s in elsewhere.get(table, []) if s != schema]
+            if others:
+                problem += (
+                    f"; a table of that name exists in schema {', '.join(others)}: set "
+                    f"schema: {others[0]} on the target"
+                )
+            problems.append(problem)
             continue
         missing = [c for c in columns if c not in found[table]]
         for column in missing:
@@ -169,16 +183,38 @@ async def check_schema(conn: asyncpg.Connection, target: Target, preset: Preset)
         raise SchemaProblem(f"target {target.name}: " + "; ".join(problems))
     if target.table is None:
         return preset
-    await _check_enum_values(conn, target, found[target.table.name])
+    problems = generic.timestamp_problems(target.table, found[target.table.name])
+    if problems:
+        raise SchemaProblem(f"target {target.name}: " + "; ".join(problems))
+    await _check_state_values(conn, target, found[target.table.name])
     return resolve_preset(target, found[target.table.name])
 
 
-async def _check_enum_values(
+async def _schemas_holding(conn: asyncpg.Connection, tables: list[str]) -> dict[str, list[str]]:
+    """Schemas (readable by this role) holding a table of each name, for a "not found" hint."""
+    rows = await conn.fetch(
+        "SELECT c.relname AS table_name, array_agg(n.nspname::text ORDER BY n.nspname) AS schemas"
+        " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE c.relname = ANY($1::text[]) AND c.relkind IN ('r', 'p', 'v', 'm', 'f')"
+        " AND has_schema_privilege(n.oid, 'USAGE') GROUP BY c.relname",
+        tables,
+    )
+    return {r["table_name"]: list(r["schemas"]) for r in rows}
+
+
+async def _check_state_values(
     conn: asyncpg.Connection, target: Target, columns: dict[str, generic.ColumnType]
 ) -> None:
-    """A mapped value that is not a label of an enum state column would fail every poll."""
-    mapping = target.table.state  # type: ignore[union-attr]
+    """Every value the state column holds must be mapped to a state or ignored, and every mapped value
+    must be one it can hold: a typo would silently read 0 (or fail every poll). The column's values are
+    known completely from an enum type or a CHECK constraint listing them, else sampled from the
+    newest rows."""
+    table = target.table
+    assert table is not None
+    mapping = table.state
     column = columns[mapping.column]
+    where = f"{table.name}.{mapping.column}"
+    mapped = mapping.values_for(*CANONICAL_STATES, "ignore")
     labels = await conn.fetchval(
         "SELECT array_agg(e.enumlabel ORDER BY e.enumsortorder) FROM pg_enum e"
         " JOIN pg_type t ON t.oid = e.enumtypid JOIN pg_namespace n ON n.oid = t.typnamespace"
@@ -186,14 +222,85 @@ async def _check_enum_values(
         column.udt_schema,
         column.udt_name,
     )
-    if labels is None:
-        return
-    unknown = [str(v) for v in mapping.values_for(*CANONICAL_STATES) if str(v) not in labels]
-    if unknown:
-        raise SchemaProblem(
-            f"target {target.name}: state value(s) {', '.join(map(repr, unknown))} are not "
-            f"labels of enum {column.udt_name} (labels: {', '.join(labels)})"
+    if labels is not None:
+        unknown = [v for v in mapped if v not in labels]
+        if unknown:
+            raise SchemaProblem(
+                f"target {target.name}: state value(s) {', '.join(map(repr, unknown))} are not "
+                f"labels of enum {column.udt_name} (labels: {', '.join(labels)})"
+            )
+        held, complete = list(labels), True
+    else:
+        allowed = await _check_constraint_values(conn, target, table)
+        if allowed is not None:
+            name, values = allowed
+            unknown = [v for v in mapped if v not in values]
+            if unknown:
+                raise SchemaProblem(
+                    f"target {target.name}: state value(s) {', '.join(map(repr, unknown))} are not "
+                    f"allowed by CHECK constraint {name} of {where} (allowed: {', '.join(values)})"
+                )
+            held, complete = values, True
+        else:
+            rows = await conn.fetch(generic.state_values_sample(table), generic.STATE_SAMPLE_ROWS)
+            held, complete = sorted(r["value"] for r in rows), False
+    unmapped = [value for value in held if mapping.state_of(value) is None]
+    if unmapped:
+        source = (
+            "the column's type allows it"
+            if complete
+            else f"found among the newest {generic.STATE_SAMPLE_ROWS} rows"
         )
+        raise SchemaProblem(
+            f"target {target.name}: "
+            + "; ".join(_unmapped_value(value, where, mapping) for value in unmapped)
+            + f" ({source}). Map every value under table.state.<state> or list it in "
+            "table.state.ignore"
+        )
+
+
+def _unmapped_value(value: str, where: str, mapping: StateMapping) -> str:
+    text = f"value {value!r} of {where} is mapped to no state"
+    mapped = mapping.values_for(*CANONICAL_STATES)
+    close = difflib.get_close_matches(value, mapped, n=1, cutoff=0.6)
+    if close:
+        return f"{text}; the mapping has {close[0]!r} for {mapping.state_of(close[0])}: a typo?"
+    return text
+
+
+# `status IN ('a', 'b')` and `status = ANY (ARRAY['a', 'b'])` both read back as = ANY (ARRAY[...])
+_ANY_ARRAY = re.compile(r"=\s*ANY\s*\(+\s*ARRAY\s*\[(.*?)\]", re.S)
+_LITERAL = re.compile(r"'((?:[^']|'')*)'")
+
+
+async def _check_constraint_values(
+    conn: asyncpg.Connection, target: Target, table: TableMapping
+) -> tuple[str, list[str]] | None:
+    """(constraint name, values) of a CHECK constraint on the state column alone that lists its
+    values; None when there is none (or its expression is something else)."""
+    schema = target.schema_ or table.schema_
+    rows = await conn.fetch(
+        """
+        SELECT c.conname AS name, pg_get_constraintdef(c.oid) AS definition
+        FROM pg_constraint c
+        JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = c.conkey[1]
+        WHERE c.contype = 'c' AND cardinality(c.conkey) = 1 AND a.attname = $3
+          AND c.conrelid = to_regclass(
+              CASE WHEN $1::text IS NULL THEN quote_ident($2)
+                   ELSE quote_ident($1) || '.' || quote_ident($2) END)
+        ORDER BY c.conname
+        """,
+        schema,
+        table.name,
+        table.state.column,
+    )
+    for row in rows:
+        match = _ANY_ARRAY.search(row["definition"])
+        if match and " OR " not in row["definition"] and " AND " not in row["definition"]:
+            values = [v.replace("''", "'") for v in _LITERAL.findall(match.group(1))]
+            if values:
+                return row["name"], values
+    return None
 
 
 StateListener = Callable[["TargetState"], Awaitable[None]]
@@ -221,6 +328,8 @@ class TargetPoller:
             window=SuccessWindow(target.success_window),
         )
         self.tail: FinishedTail | None = None
+        self.requeues = RequeueTracker()
+        self._requeue_budget_warned = False
         self.recoverer: Recoverer | None = None
         self._stale_jobs: list[StaleJob] = []
         if target.recovery.enabled and self.preset.stale_jobs is not None:
@@ -284,34 +393,55 @@ class TargetPoller:
         preset, mode = self.preset, self.target.finished_counting
         if mode == "off" or not preset.finished_tail.sql:
             return False
-        if preset.finished_index is None or mode == "on":
+        if preset.finished_index is None:
             return True
         table, column = preset.finished_index
-        indexed = await conn.fetchval(
+        # leading columns of every index on the table, e.g. [["finished_at"], ["queue", "finished_at"]]
+        indexes = await conn.fetch(
             """
-            SELECT EXISTS (
-                SELECT 1 FROM pg_index i
-                JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-                WHERE i.indrelid = to_regclass(
-                          CASE WHEN $1::text IS NULL THEN quote_ident($2) ELSE quote_ident($1) || '.' || quote_ident($2) END)
-                  AND a.attname = $3)
+            SELECT array(SELECT a.attname::text FROM unnest(i.indkey[0:1]) WITH ORDINALITY AS k(attnum, n)
+                         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                         ORDER BY k.n) AS columns
+            FROM pg_index i
+            WHERE i.indrelid = to_regclass(
+                      CASE WHEN $1::text IS NULL THEN quote_ident($2) ELSE quote_ident($1) || '.' || quote_ident($2) END)
             """,
             schema,
             table,
-            column,
         )
-        if not indexed:
-            log.warning(
-                "target %s: no index leads with %s.%s, so counting finished jobs would scan the table; "
-                "finished-job counters and success ratio are off. Create one, e.g. "
-                "CREATE INDEX CONCURRENTLY ON %s (%s), or set finished_counting: on to accept the scan",
+        leading = [list(r["columns"]) for r in indexes]
+        if any(columns[:1] == [column] for columns in leading):
+            return True
+        per_queue = preset.finished_per_queue
+        if per_queue is not None and [per_queue.queue_column, column] in (c[:2] for c in leading):
+            # an index on (queue, finished): read each queue's tail through it
+            self.preset = dataclasses.replace(
+                preset, finished_tail=per_queue.tail, finished_backfill=per_queue.backfill
+            )
+            if self.recoverer is not None:
+                self.recoverer.preset = self.preset
+            log.info(
+                "target %s: counting finished jobs per queue through the index on %s (%s, %s)",
                 self.target.name,
                 table,
-                column,
-                table,
+                per_queue.queue_column,
                 column,
             )
-        return bool(indexed)
+            return True
+        if mode == "on":
+            return True
+        log.warning(
+            "target %s: no index leads with %s.%s (or with %s), so counting finished jobs would "
+            "scan the table; finished-job counters and success ratio are off. Create one, e.g. "
+            "CREATE INDEX CONCURRENTLY ON %s (%s), or set finished_counting: on to accept the scan",
+            self.target.name,
+            table,
+            column,
+            f"({per_queue.queue_column}, {column})" if per_queue else "nothing else usable",
+            table,
+            column,
+        )
+        return False
 
     # -- one poll ---------------------------------------------------------------------------------
 
@@ -385,6 +515,8 @@ class TargetPoller:
                 terminal = await conn.fetch(preset.terminal.sql, *preset.terminal.params)
             if self.state.finished_counting:
                 await self._count_finished(conn, snap)
+                if preset.requeued is not None:
+                    await self._count_requeued(conn)
             if self.recoverer is not None:
                 stale = preset.stale_jobs
                 assert stale is not None
@@ -432,6 +564,30 @@ class TargetPoller:
             key = self.policy.label(row.queue, row.kind)
             if key is not None:
                 counts[(*key, row.outcome)] += 1
+        self.state.finished.update(counts)
+        assert self.state.window is not None
+        self.state.window.add(time.time(), counts)
+
+    async def _count_requeued(self, conn: asyncpg.Connection) -> None:
+        """Count failed attempts requeued since the last poll (tables without a retry event)."""
+        statement = self.preset.requeued
+        assert statement is not None
+        rows = await conn.fetch(statement.sql, REQUEUED_ROW_LIMIT, *statement.params)
+        complete = len(rows) < REQUEUED_ROW_LIMIT
+        if not complete and not self._requeue_budget_warned:
+            self._requeue_budget_warned = True
+            log.warning(
+                "target %s: %d or more jobs wait for a retry; requeued attempts (outcome=retried) "
+                "are not counted while that many wait",
+                self.target.name,
+                REQUEUED_ROW_LIMIT,
+            )
+        requeued = [RequeuedRow(r["row_id"], r["token"], r["queue"], r["kind"]) for r in rows]
+        counts: Counter[tuple[str, str, str]] = Counter()
+        for row in self.requeues.take(requeued, complete):
+            key = self.policy.label(row.queue, row.kind)
+            if key is not None:
+                counts[(*key, "retried")] += 1
         self.state.finished.update(counts)
         assert self.state.window is not None
         self.state.window.add(time.time(), counts)

@@ -109,3 +109,39 @@ class FinishedTail:
                 last_read = last_read - timedelta(microseconds=1)
             key = min(key, last_read)  # type: ignore[type-var]
         return _Candidate(key, snap.xmax)
+
+
+@dataclass(frozen=True)
+class RequeuedRow:
+    """A waiting job that has failed before (attempts > 0, or an error recorded), in one poll."""
+
+    row_id: str
+    token: str  # changes with every requeue (the attempt number, else the due time)
+    queue: str | None
+    kind: str | None
+
+
+class RequeueTracker:
+    """Counts failed attempts that were requeued, for tables that keep no event of it: each (job, token)
+    seen waiting-after-a-failure that the previous poll did not see is one requeue.
+
+    Exact as long as a requeued job still waits at the next poll (its retry delay is at least the poll
+    interval); a job that fails, waits and is picked up again between two polls is not seen. The first
+    poll is the baseline (what happened before the exporter started is not counted), and so is a poll
+    that read only part of the waiting jobs (``complete`` False): counting then would take jobs entering
+    the read part for new requeues.
+    """
+
+    def __init__(self) -> None:
+        self._previous: set[tuple[str, str]] | None = None
+
+    def take(self, rows: Iterable[RequeuedRow], complete: bool = True) -> list[RequeuedRow]:
+        current = {(row.row_id, row.token): row for row in rows}
+        previous, self._previous = self._previous, set(current)
+        if previous is None or not complete:
+            return []
+        return [row for ident, row in current.items() if ident not in previous]
+
+    def reset(self) -> None:
+        """Forget the baseline (after a failed poll: what happened meanwhile is unknown)."""
+        self._previous = None

@@ -13,6 +13,10 @@ Statement contract (all run inside one REPEATABLE READ, READ ONLY transaction pe
     rows ``(key, row_id, queue, kind, outcome)`` of jobs finished with ``key > $1``, ordered by key.
 ``finished_backfill_sql($1 = window seconds, $2 = row limit)``
     rows ``(key, row_id, finished_at, queue, kind, outcome)`` finished within the window (bounded).
+``requeued_sql($1 = row limit)``
+    generic tables without a retry event: rows ``(row_id, token, queue, kind)`` of waiting jobs that failed
+    before (see ``watermark.RequeueTracker``), in id order; read through the same waiting-state predicate
+    as ``live_sql``, so its cost follows the number of jobs waiting for a retry.
 ``finished_high_sql()``
     for id-keyed tails only: the highest key currently visible (a primary-key lookup).
 ``stale_jobs_sql($1 = stale_after seconds)``
@@ -63,6 +67,16 @@ class Statement:
 
 
 @dataclass(frozen=True)
+class PerQueueTail:
+    """Finished-job statements for an index on (queue column, finish column), used when the table has
+    that index and none leading with the finish column (same rows and parameters as the plain ones)."""
+
+    queue_column: str
+    tail: Statement
+    backfill: Statement
+
+
+@dataclass(frozen=True)
 class Preset:
     name: str
     description: str
@@ -77,9 +91,11 @@ class Preset:
     terminal: Statement | None = None
     # (table, column) whose index keeps finished counting cheap; None when the tail is PK-based
     finished_index: tuple[str, str] | None = None
+    finished_per_queue: PerQueueTail | None = None
     schema: str | None = None
     stale_jobs: Statement | None = None
     recover: Statement | None = None
+    requeued: Statement | None = None
     # seconds after which the queue system rescues a stale job itself; None when it never does
     builtin_rescue_after: float | None = None
     # what the queue system does about stale jobs itself (shown in docs and logs)

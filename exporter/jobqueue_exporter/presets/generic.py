@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import Recovery, TableMapping
-from . import Preset, Statement
+from . import PerQueueTail, Preset, Statement
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,103 @@ def required_columns(table: TableMapping) -> dict[str, tuple[str, ...]]:
     return {table.name: tuple(dict.fromkeys(c for c in columns if c))}
 
 
+# how many of the newest rows (primary key order) are read at startup to find the state values a free-text
+# column holds: one backward walk of the primary key index, once per connection
+STATE_SAMPLE_ROWS = 10_000
+
+
+def state_values_sample(table: TableMapping) -> str:
+    """The distinct state values among the newest ``$1`` rows, as text (NULLs left out)."""
+    rel = quote_ident(table.name)
+    if table.schema_:
+        rel = f"{quote_ident(table.schema_)}.{rel}"
+    state, job_id = quote_ident(table.state.column), quote_ident(table.id)
+    return f"""
+SELECT DISTINCT value FROM (
+    SELECT {state}::text AS value FROM {rel} ORDER BY {job_id} DESC LIMIT $1
+) AS newest
+WHERE value IS NOT NULL
+"""
+
+
+INTEGER_TYPES = {"smallint", "integer", "bigint"}
+EPOCH_TYPES = INTEGER_TYPES | {"numeric", "double precision", "real"}
+TIMESTAMP_TYPES = {"timestamp with time zone", "timestamp without time zone"}
+EPOCH_FACTOR = {"seconds": 1, "milliseconds": 1000}
+
+
+class TimeColumns:
+    """How the mapping's time columns are stored: ``timestamptz``, ``timestamp`` holding UTC, or a number
+    of seconds/milliseconds since the epoch (``timestamps.epoch_unit``). Statements read every time column
+    as timestamptz, but compare and assign the raw column, so an index on it stays usable."""
+
+    def __init__(self, types: dict[str, ColumnType], epoch_unit: str | None):
+        self.types = types
+        self.factor = EPOCH_FACTOR[epoch_unit] if epoch_unit else None
+
+    def _type(self, name: str) -> str:
+        return self.types.get(name, ColumnType("timestamp with time zone", "", "")).data_type
+
+    def naive(self, name: str) -> bool:
+        return self._type(name) == "timestamp without time zone"
+
+    def epoch(self, name: str) -> bool:
+        return self.factor is not None and self._type(name) in EPOCH_TYPES
+
+    def read(self, name: str) -> str:
+        """The column as timestamptz."""
+        column = quote_ident(name)
+        if self.epoch(name):
+            return f"to_timestamp({column}::float8 / {self.factor})"
+        return f"({column} AT TIME ZONE 'UTC')" if self.naive(name) else column
+
+    def stored(self, name: str, value: str) -> str:
+        """A timestamptz expression as the column stores it (for SET)."""
+        if self.epoch(name):
+            return f"round(extract(epoch FROM {value}) * {self.factor})::{self._type(name)}"
+        return f"(({value}) AT TIME ZONE 'UTC')" if self.naive(name) else value
+
+    def bound(self, name: str, value: str, op: str) -> str:
+        """The right-hand side of ``column <op> value`` in the column's own type (so ``>``/``<`` on the
+        raw column means the same as on the timestamp, and an index on it applies)."""
+        if self.epoch(name):
+            scaled = f"extract(epoch FROM {value}) * {self.factor}"
+            if self._type(name) in INTEGER_TYPES:
+                # for whole numbers: x > v  <=>  x > floor(v),  x < v  <=>  x < ceil(v)
+                rounding = "floor" if op == ">" else "ceil"
+                return f"{rounding}({scaled})::{self._type(name)}"
+            return f"({scaled})::{self._type(name)}"
+        return self.stored(name, value)
+
+
+def time_columns(table: TableMapping) -> list[str]:
+    t = table.timestamps
+    columns = [t.enqueued, t.eligible, t.started, t.finished]
+    columns += [table.stale.column if table.stale else None]
+    return list(dict.fromkeys(c for c in columns if c))
+
+
+def timestamp_problems(table: TableMapping, types: dict[str, ColumnType]) -> list[str]:
+    """Time columns whose type the mapping cannot read (or must declare), with the fix."""
+    problems = []
+    unit = table.timestamps.epoch_unit
+    for name in time_columns(table):
+        data_type = types[name].data_type if name in types else "timestamp with time zone"
+        if data_type in TIMESTAMP_TYPES or (unit and data_type in EPOCH_TYPES):
+            continue
+        if data_type in EPOCH_TYPES:
+            problems.append(
+                f"column {table.name}.{name} is {data_type}: if it holds epoch time, declare "
+                "timestamps.epoch_unit: milliseconds (or seconds)"
+            )
+        else:
+            problems.append(
+                f"column {table.name}.{name} is {data_type}, not a time: map a timestamptz, "
+                "timestamp or epoch seconds/milliseconds column"
+            )
+    return problems
+
+
 def build(
     table: TableMapping,
     types: dict[str, ColumnType] | None = None,
@@ -71,14 +168,8 @@ def build(
     def col(name: str) -> str:
         return quote_ident(name)
 
-    def naive(name: str) -> bool:
-        return types.get(name, ColumnType("timestamp with time zone", "", "")).data_type == (
-            "timestamp without time zone"
-        )
-
-    def ts(name: str) -> str:
-        """The column as timestamptz (naive columns hold UTC)."""
-        return f"({col(name)} AT TIME ZONE 'UTC')" if naive(name) else col(name)
+    clock = TimeColumns(types, table.timestamps.epoch_unit)
+    ts = clock.read
 
     state = col(table.state.column)
     state_type = types.get(table.state.column)
@@ -162,29 +253,29 @@ GROUP BY 1, 2, 3
             WHEN {state} = ANY({values(5)}) THEN 'dead' ELSE 'cancelled' END"""
     outcome_params = (mapping.succeeded, mapping.failed, mapping.dead, finished_values)
     fin = t.finished
+    tail = backfill = tail_per_queue = backfill_per_queue = ""
     if fin:
         # compare the raw column with the parameter converted, so an index on the column is usable
-        after = "($1 AT TIME ZONE 'UTC')" if naive(fin) else "$1"
-        tail = f"""
-SELECT {ts(fin)} AS key, {col(table.id)}::text AS row_id, {queue} AS queue, {kind} AS kind,
-       {outcome} AS outcome
-FROM {rel}
-WHERE {col(fin)} > {after} AND {state} = ANY({values(6)})
-ORDER BY {col(fin)}
-LIMIT $2
-"""
-        window_start = "(now() AT TIME ZONE 'UTC')" if naive(fin) else "now()"
-        backfill = f"""
-SELECT {ts(fin)} AS key, {col(table.id)}::text AS row_id,
-       extract(epoch FROM {ts(fin)})::float8 AS finished_at, {queue} AS queue, {kind} AS kind,
-       {outcome} AS outcome
-FROM {rel}
-WHERE {col(fin)} > {window_start} - make_interval(secs => $1) AND {state} = ANY({values(6)})
-ORDER BY {col(fin)} DESC
-LIMIT $2
-"""
-    else:
-        tail = backfill = ""
+        after = f"{col(fin)} > {clock.bound(fin, '$1::timestamptz', '>')}"
+        window = f"{col(fin)} > {clock.bound(fin, 'now() - make_interval(secs => $1)', '>')}"
+        tail_columns = f"{ts(fin)} AS key, {col(table.id)}::text AS row_id"
+        backfill_columns = f"{tail_columns}, extract(epoch FROM {ts(fin)})::float8 AS finished_at"
+
+        def finished(columns: str, since: str, order: str, where: str = "true") -> str:
+            return f"""
+SELECT {columns}, {queue} AS queue, {kind} AS kind, {outcome} AS outcome
+FROM {rel} AS j
+WHERE {where} AND {since} AND {state} = ANY({values(6)})
+ORDER BY {col(fin)} {order}
+LIMIT $2"""
+
+        tail = finished(tail_columns, after, "ASC")
+        backfill = finished(backfill_columns, window, "DESC")
+        if table.queue:
+            tail_per_queue = _per_queue(rel, col(table.queue), finished, tail_columns, after, "ASC")
+            backfill_per_queue = _per_queue(
+                rel, col(table.queue), finished, backfill_columns, window, "DESC"
+            )
 
     def cast(name: str, default: str) -> str:
         known = types.get(name)
@@ -201,12 +292,30 @@ SELECT {col(table.id)}::text AS id, {queue} AS queue, {kind} AS kind, {token} AS
 FROM {rel}
 WHERE {state} = ANY({values(2)}) AND {stale}
 """
+    # a waiting job that failed before: its attempt count (else its due time) changes with each requeue
+    requeued = None
+    if table.attempts or table.last_error:
+        evidence = retried if table.attempts else f"{col(table.last_error or '')} IS NOT NULL"
+        requeue_token = (
+            f"{col(table.attempts)}::text" if table.attempts else f"coalesce({eligible}::text, '')"
+        )
+        requeued = Statement(
+            f"""
+SELECT {col(table.id)}::text AS row_id, {requeue_token} AS token, {queue} AS queue, {kind} AS kind
+FROM {rel} AS j
+WHERE {state} = ANY({values(2)}) AND {evidence}
+ORDER BY j.{col(table.id)}
+LIMIT $1
+""",
+            (mapping.values_for("pending", "scheduled", "retrying"),),
+        )
+
     recover = ""
     if recovery is not None and recovery.reset_state is not None:
         assignments = [f"{state} = $6::text::{cast(table.state.column, 'text')}"]
         assignments += [f"{col(c)} = NULL" for c in recovery.clear_columns]
         if t.eligible:
-            due_now = "(now() AT TIME ZONE 'UTC')" if naive(t.eligible) else "now()"
+            due_now = clock.stored(t.eligible, "now()")
             assignments.append(f"{col(t.eligible)} = {due_now}")
         recover = f"""
 UPDATE {rel} AS j
@@ -229,7 +338,7 @@ RETURNING j.{col(table.id)}::text AS id, {queue} AS queue, {kind} AS kind, {stat
         rel=rel,
         col=col,
         ts=ts,
-        naive=naive,
+        clock=clock,
         cast=cast,
         array_cast=array_cast,
         queue=queue,
@@ -252,14 +361,57 @@ RETURNING j.{col(table.id)}::text AS id, {queue} AS queue, {kind} AS kind, {stat
         finished_tail=Statement(tail, outcome_params),
         finished_backfill=Statement(backfill, outcome_params),
         finished_index=(table.name, fin) if fin else None,
+        finished_per_queue=(
+            PerQueueTail(
+                table.queue,  # type: ignore[arg-type]
+                Statement(tail_per_queue, outcome_params),
+                Statement(backfill_per_queue, outcome_params),
+            )
+            if tail_per_queue
+            else None
+        ),
         schema=table.schema_,
         self_rescue="unknown (generic table)",
-        outcomes=("succeeded", "failed", "dead", "cancelled"),
+        outcomes=("succeeded", "failed", "dead", "cancelled")
+        + (("retried",) if requeued is not None else ()),
+        requeued=requeued,
         stale_jobs=Statement(stale_jobs, (mapping.running,)),
         recover=Statement(recover, (mapping.running, recovery.reset_state if recovery else None)),
         retry_rule="only jobs in a state mapped to failed or dead",
         **ops,
     )
+
+
+def _per_queue(
+    rel: str,
+    queue: str,
+    finished: Callable[..., str],
+    columns: str,
+    since: str,
+    order: str,
+) -> str:
+    """The finished-job read for an index on (queue, finish time): the queues are found by a skip scan
+    of the index (one descent per queue), then each queue's own rows are read in finish order, so the
+    first $2 rows of all queues together are exactly the first $2 rows of the table. NULL queues are
+    a branch of their own (``IS NULL`` is an index condition too)."""
+    per_queue = finished(columns, since, order, where=f"{queue} = queues.q")
+    null_queue = finished(columns, since, order, where=f"{queue} IS NULL")
+    return f"""
+WITH RECURSIVE queues(q) AS (
+    (SELECT {queue} FROM {rel} WHERE {queue} IS NOT NULL ORDER BY {queue} LIMIT 1)
+    UNION ALL
+    SELECT (SELECT {queue} FROM {rel} WHERE {queue} > queues.q ORDER BY {queue} LIMIT 1)
+    FROM queues WHERE queues.q IS NOT NULL
+)
+SELECT rows_of_queue.* FROM queues CROSS JOIN LATERAL ({per_queue}
+) AS rows_of_queue
+WHERE queues.q IS NOT NULL
+UNION ALL
+({null_queue}
+)
+ORDER BY key {order}
+LIMIT $2
+"""
 
 
 def _operator_statements(
@@ -268,7 +420,7 @@ def _operator_statements(
     rel: str,
     col: Callable[[str], str],
     ts: Callable[[str], str],
-    naive: Callable[[str], bool],
+    clock: TimeColumns,
     cast: Callable[[str, str], str],
     array_cast: str,
     queue: str,
@@ -338,7 +490,7 @@ LIMIT $5
         if table.attempts:
             assignments[table.attempts] = "0"
         if t.eligible:
-            assignments[t.eligible] = "(now() AT TIME ZONE 'UTC')" if naive(t.eligible) else "now()"
+            assignments[t.eligible] = clock.stored(t.eligible, "now()")
         for column in clear_columns:
             assignments.setdefault(column, "NULL")
         retryable = c.values_of(retryable_values)
@@ -361,13 +513,13 @@ RETURNING j.{job_id}::text AS id, {queue} AS queue, {kind} AS kind, {state}::tex
 
     purge = purge_preview = None
     if t.finished:
-        now = "(now() AT TIME ZONE 'UTC')" if naive(t.finished) else "now()"
+        cutoff = clock.bound(t.finished, "now() - make_interval(secs => $1)", "<")
         # $1 older_than, $2 include_failed, $3 after id, $4 batch
         c = _Constants(5, array_cast)
         purgeable = (
             f"{state} = ANY(CASE WHEN $2::boolean THEN {c.values_of(finished_values)} "
             f"ELSE {c.values_of(mapping.succeeded)} END) "
-            f"AND {col(t.finished)} < {now} - make_interval(secs => $1)"
+            f"AND {col(t.finished)} < {cutoff}"
         )
         after = f"($3::text IS NULL OR {job_id} > $3::text::{id_type})"
         purge = c.statement(f"""

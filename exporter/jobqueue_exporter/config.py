@@ -10,6 +10,7 @@ import difflib
 import math
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -743,7 +744,7 @@ def _loc_to_path(loc: tuple[Any, ...], data: Any, user_parts: int = 0) -> str:
     return path or "(top level)"
 
 
-def _explain(error: dict[str, Any]) -> str:
+def _explain(error: Mapping[str, Any]) -> str:
     kind, msg = error["type"], error["msg"]
     if kind == "extra_forbidden":
         key = error["loc"][-1] if error["loc"] else None
@@ -856,7 +857,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     so a second ``targets:`` would drop every target above it). Merge keys (``<<``) may still be
     overridden, as YAML intends."""
 
-    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         if isinstance(node, yaml.MappingNode):
             seen: dict[Any, yaml.Mark] = {}
             for key_node, _ in node.value:

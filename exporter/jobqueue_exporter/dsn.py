@@ -384,7 +384,7 @@ def _parse_keywords(text: str) -> list[tuple[str, str, int, int]]:
     Returns (keyword, value, value_start, value_end) tuples. The positions are those of the
     value as written, quotes included.
     """
-    out = []
+    out: list[tuple[str, str, int, int]] = []
     i, n = 0, len(text)
     while True:
         while i < n and text[i].isspace():

@@ -271,7 +271,7 @@ async def select_jobs(
     """One page of the selection (stale jobs first) and, with ``count``, the counts of all of it. One
     REPEATABLE READ snapshot, so the page and the counts agree."""
     async with s.conn.transaction(isolation="repeatable_read", readonly=True):
-        stale_total, page = 0, []
+        stale_total, page = 0, list[Job]()
         if "running" in states and s.preset.stale_jobs is not None:
             stale_total, page = await _stale_page(s, queue, kind, limit)
         if stale_only:
@@ -463,7 +463,11 @@ async def retry_jobs(
             )
         limit = 1
     args = [[job_id] if job_id is not None else None, queue, kind, limit, *statement.params]
-    record = {"dry_run": not yes, "candidates": [job_id] if job_id else None, "verb": "retried"}
+    record: dict[str, Any] = {
+        "dry_run": not yes,
+        "candidates": [job_id] if job_id else None,
+        "verb": "retried",
+    }
     try:
         changed = await _execute(s.conn, statement.sql, args, commit=yes)
     except DB_ERRORS as exc:
@@ -541,8 +545,12 @@ async def purge(
     """Finished jobs older than ``older_than`` seconds, chosen the way the queue's own cleanup does."""
     why = "map timestamps.finished so the age of a finished job is known"
     statement = _statement(s, s.preset.purge if yes else s.preset.purge_preview, "purge", why)
-    fields = {"older_than_seconds": older_than, "include_failed": include_failed, "batch": batch}
-    record = {"dry_run": not yes, "verb": "deleted", **fields}
+    fields: dict[str, Any] = {
+        "older_than_seconds": older_than,
+        "include_failed": include_failed,
+        "batch": batch,
+    }
+    record: dict[str, Any] = {"dry_run": not yes, "verb": "deleted", **fields}
     try:
         tally = await _purge_walk(s, statement, older_than, include_failed, batch, commit=yes)
     except PurgeInterrupted as stop:

@@ -527,8 +527,8 @@ class TargetPoller:
         now = time.time()
         snapshot = build_snapshot(
             self.policy,
-            [tuple(r) for r in live],  # type: ignore[misc]
-            [tuple(r) for r in terminal] if terminal is not None else None,  # type: ignore[misc]
+            [tuple(r) for r in live],
+            [tuple(r) for r in terminal] if terminal is not None else None,
             taken_at=now,
         )
         # (queue, kind) unseen for label_ttl: no longer served, counters included; slots freed
@@ -607,7 +607,8 @@ class TargetPoller:
         ]
         self.tail = FinishedTail(preset.finished_key)
         if preset.finished_key == "id":
-            floor = min((r.key for r in baseline), default=high + 1) - 1
+            ids = [r.key for r in baseline if isinstance(r.key, int)]
+            floor = min(ids, default=high + 1) - 1
         else:
             floor = snap.now - timedelta(seconds=window)
         self.tail.start(floor, baseline, snap, high)

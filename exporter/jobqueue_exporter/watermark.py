@@ -20,8 +20,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-Key = int | datetime
+# one tail's keys are all ids or all timestamps (``key_kind``), so they compare with each other
+Key = Any
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,7 @@ class FinishedTail:
             # may tie, so stop just below the last one read; the tied rows already read stay remembered.
             if isinstance(last_read, datetime):
                 last_read = last_read - timedelta(microseconds=1)
-            key = min(key, last_read)  # type: ignore[type-var]
+            key = min(key, last_read)
         return _Candidate(key, snap.xmax)
 
 

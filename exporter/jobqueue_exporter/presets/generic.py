@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 from ..config import Recovery, TableMapping
 from . import PerQueueTail, Preset, Statement
@@ -414,6 +414,15 @@ LIMIT $2
 """
 
 
+class OperatorStatements(TypedDict):
+    list_live: Statement
+    list_terminal: Statement
+    job: Statement
+    retry: Statement | None
+    purge: Statement | None
+    purge_preview: Statement | None
+
+
 def _operator_statements(
     table: TableMapping,
     *,
@@ -430,7 +439,7 @@ def _operator_statements(
     stale: str,
     reset_state: str | None,
     clear_columns: list[str],
-) -> dict[str, Statement | None]:
+) -> OperatorStatements:
     """Statements of the operator commands (see the contract in ``presets/__init__.py``)."""
     mapping, t = table.state, table.timestamps
     state, job_id = col(mapping.column), col(table.id)

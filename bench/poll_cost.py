@@ -29,7 +29,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import procrastinate
 from jobqueue_exporter.config import load_config_data
-from jobqueue_exporter.poll import BACKFILL_ROW_LIMIT, TAIL_ROW_LIMIT, TargetPoller
+from jobqueue_exporter.poll import TargetPoller
+from jobqueue_exporter.sources.postgres import BACKFILL_ROW_LIMIT, TAIL_ROW_LIMIT
 
 BENCH_DB = "jq_bench"
 TODO_JOBS = 10_000
@@ -418,8 +419,8 @@ async def measure(dsn: str, n: int, repeats: int, live_workers: list[int]) -> Re
             log(f"WARNING: the tail counted {counted} finished jobs, {expected} were trickled")
         # Did the poller's prepared statements stay on custom plans? (PostgreSQL may switch a prepared
         # statement to a generic plan after five executions.)
-        assert poller._conn is not None
-        for row in await poller._conn.fetch(
+        assert poller.source._conn is not None
+        for row in await poller.source._conn.fetch(
             "SELECT generic_plans, custom_plans, left(regexp_replace(statement, '\\s+', ' ', 'g'), 60)"
             " AS head FROM pg_prepared_statements ORDER BY head"
         ):
@@ -428,7 +429,7 @@ async def measure(dsn: str, n: int, repeats: int, live_workers: list[int]) -> Re
             )
         # Database-side cost of the next poll's statements, with the parameters the poller would use.
         await trickle(writer, live_workers)
-        preset, tail = poller.preset, poller.tail
+        preset, tail = poller.source.preset, poller.source.tail
         assert tail is not None and tail.floor is not None
         stale_after = poller.stale_after
         statements = [

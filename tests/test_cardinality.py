@@ -545,7 +545,7 @@ async def test_series_per_target_stay_within_the_documented_bound(
     keyed = {(name, labels) for (name, labels) in samples if {"queue", "kind"} <= set(dict(labels))}
     keys = {(dict(labels)["queue"], dict(labels)["kind"]) for _, labels in keyed}
     assert len(keys) == (15 + 1) * (20 + 1) == 336
-    outcomes = len(poller.preset.outcomes)
+    outcomes = len(poller.source.preset.outcomes)
     per_key = 7 + 3 + outcomes + 1
     assert per_key == 16, "generic with attempts: succeeded, failed, dead, cancelled, retried"
     assert len(keyed) == len(keys) * per_key

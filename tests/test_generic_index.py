@@ -65,7 +65,7 @@ async def test_an_index_on_queue_then_finish_time_is_used_per_queue(
     p = poller(dsn)
     await p.poll_once()
     assert p.state.finished_counting, "auto accepts the (queue, finished) index"
-    assert "WITH RECURSIVE queues" in p.preset.finished_tail.sql
+    assert "WITH RECURSIVE queues" in p.source.preset.finished_tail.sql
     samples = scrape(p)
     assert value(samples, "jobqueue_success_ratio", queue="mail", kind="default") == 1.0
 
@@ -82,7 +82,7 @@ async def test_an_index_on_queue_then_finish_time_is_used_per_queue(
     await p.poll_once()
     assert finished(scrape(p), "mail", "succeeded") == 5, "counted once"
 
-    statement = p.preset.finished_tail
+    statement = p.source.preset.finished_tail
     floor = await db.fetchval("SELECT now() - interval '1 minute'")
     plan = await db.fetchval(
         "EXPLAIN (FORMAT JSON, ANALYZE, BUFFERS) " + statement.sql,
@@ -106,7 +106,7 @@ async def test_without_a_usable_index_auto_stays_off(dsn: str, db: asyncpg.Conne
     p = poller(dsn)
     await p.poll_once()
     assert p.state.finished_counting, "an index leading with the finish column is the plain case"
-    assert "WITH RECURSIVE" not in p.preset.finished_tail.sql
+    assert "WITH RECURSIVE" not in p.source.preset.finished_tail.sql
     await db.execute("DROP INDEX job_completed; CREATE INDEX ON job (state, completed_on)")
     p = poller(dsn)
     await p.poll_once()

@@ -8,7 +8,8 @@ import asyncpg
 import pytest
 from helpers import make_config, scrape, series, value
 from jobqueue_exporter.config import ConfigError
-from jobqueue_exporter.poll import SchemaProblem, TargetPoller
+from jobqueue_exporter.poll import TargetPoller
+from jobqueue_exporter.sources import SchemaProblem
 
 STATES = {
     "column": "status",

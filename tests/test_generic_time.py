@@ -11,7 +11,8 @@ import asyncpg
 import pytest
 import yaml
 from helpers import make_config, scrape, value
-from jobqueue_exporter.poll import SchemaProblem, TargetPoller
+from jobqueue_exporter.poll import TargetPoller
+from jobqueue_exporter.sources import SchemaProblem
 from test_operate import cli_json
 
 MS_TABLE = """
@@ -108,10 +109,10 @@ async def test_epoch_millisecond_columns(dsn: str, db: asyncpg.Connection, tmp_p
     assert finished == 1, "the job finished now, not the 40-day-old ones"
 
     plan = await db.fetchval(
-        "EXPLAIN (FORMAT JSON) " + p.preset.finished_tail.sql,
+        "EXPLAIN (FORMAT JSON) " + p.source.preset.finished_tail.sql,
         await db.fetchval("SELECT now() - interval '1 minute'"),
         100,
-        *p.preset.finished_tail.params,
+        *p.source.preset.finished_tail.params,
     )
     assert "bull_jobs_finished" in json.dumps(plan), "the tail compares the raw bigint column"
 

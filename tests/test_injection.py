@@ -16,8 +16,9 @@ from typing import Any
 import asyncpg
 import pytest
 from jobqueue_exporter.config import ConfigError, load_config, load_config_data
-from jobqueue_exporter.poll import SchemaProblem, TargetPoller
-from jobqueue_exporter.presets import generic
+from jobqueue_exporter.poll import TargetPoller
+from jobqueue_exporter.sources import SchemaProblem
+from jobqueue_exporter.sources.postgres.presets import generic
 
 MALICIOUS_IDENTIFIERS = [
     "jobs; DROP TABLE x; --",
@@ -232,7 +233,7 @@ async def assert_canary(db: asyncpg.Connection) -> None:
 
 
 def statements(poller: TargetPoller) -> list[str]:
-    preset = poller.preset
+    preset = poller.source.preset
     parts = [preset.live, preset.terminal, preset.finished_tail, preset.finished_backfill]
     return [s.sql for s in parts if s is not None]
 

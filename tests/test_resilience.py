@@ -145,7 +145,7 @@ async def test_session_settings_on_the_server(dsn: str, db: asyncpg.Connection) 
     await apply_schema(dsn)
     poller = TargetPoller(*_single(dsn, statement_timeout="7s", lock_timeout="2s"))
     await poller.poll_once()
-    conn = poller._conn
+    conn = poller.source._conn
     assert conn is not None
     assert await conn.fetchval("SHOW statement_timeout") == "7s"
     assert await conn.fetchval("SHOW lock_timeout") == "2s"

@@ -8,7 +8,8 @@ import asyncpg
 import pytest
 import yaml
 from helpers import make_config
-from jobqueue_exporter.poll import SchemaProblem, TargetPoller
+from jobqueue_exporter.poll import TargetPoller
+from jobqueue_exporter.sources import SchemaProblem
 from test_operate import cli
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from jobqueue_exporter.watermark import FinishedRow, FinishedTail, SnapshotInfo
+from jobqueue_exporter.sources.postgres.watermark import FinishedRow, FinishedTail, SnapshotInfo
 
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 

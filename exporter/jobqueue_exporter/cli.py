@@ -123,19 +123,6 @@ class Exporter:
         not acknowledged within ``grace`` (a healthy one takes milliseconds) is not waited for: its
         connections are terminated. The HTTP server stops meanwhile (responses in flight get 0.5 s)."""
         self.stop_event.set()
-
-        def connections() -> list[Any]:
-            found = []
-            for poller in self.pollers:
-                found.append(poller._conn)
-                if poller.recoverer is not None:
-                    found.append(poller.recoverer._conn)
-            return [conn for conn in found if conn is not None]
-
-        # Taken before cancelling: a cancelled poll's close() forgets its connection, then waits on
-        # the server twice (the CancelRequest of the query in flight, then the Terminate handshake),
-        # up to 2 s when the server does not answer.
-        in_use = connections()
         for task in self._tasks:
             task.cancel()
 
@@ -147,9 +134,10 @@ class Exporter:
             closing = asyncio.ensure_future(close_pollers())
             done, _ = await asyncio.wait([closing], timeout=grace)
             if not done:
-                # is_closed() is already true for a connection closing gracefully: terminate all
-                for conn in (*in_use, *connections()):
-                    conn.terminate()
+                # a cancelled poll's close() waits on the server twice, up to 2 s when it does not
+                # answer: drop every connection, those closing gracefully included
+                for poller in self.pollers:
+                    poller.abort()
                 await closing
 
         async def stop_serving() -> None:
@@ -249,6 +237,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    duration = args.duration
+    if duration is not None and not 0 < duration < float("inf"):  # also rejects nan
+        print(
+            f"error: --duration {duration:g}: give a number of seconds above 0, e.g. 90",
+            file=sys.stderr,
+        )
+        return 2
     try:
         from .demo import run_demo
     except ImportError as exc:
@@ -259,7 +254,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         )
         return 2
     setup_logging("text", "warning")
-    return asyncio.run(run_demo(args.listen, duration=args.duration))
+    return asyncio.run(run_demo(args.listen, duration=duration))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -324,7 +319,14 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--listen", default="127.0.0.1:17410", help="HOST:PORT (default 127.0.0.1:17410)"
     )
-    demo.add_argument("--duration", type=float, default=None, help="stop after N seconds")
+    demo.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="run for SECONDS once serving (a number, e.g. 90 or 2.5), then clean up and exit 0 "
+        "(default: until Ctrl-C or SIGTERM)",
+    )
     demo.set_defaults(func=_cmd_demo)
     _operator_parsers(sub)
     return p

@@ -590,7 +590,7 @@ class Target(_Strict):
     def builtin_rescue_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Why resetting stale jobs would race the queue system's own rescue (empty: it would not).
         The rule for automatic recovery and for the ``recover-stale`` command alike."""
-        from .presets import PRESETS
+        from .sources.postgres.presets import PRESETS
 
         preset = PRESETS.get(self.preset or "")
         if preset is None or preset.builtin_rescue_after is None:
@@ -713,7 +713,7 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 def known_presets() -> list[str]:
-    from .presets import PRESETS
+    from .sources.postgres.presets import PRESETS
 
     return sorted([*PRESETS, "generic"])
 

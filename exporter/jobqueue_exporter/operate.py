@@ -40,16 +40,12 @@ import asyncpg
 
 from .config import Config, Target, load_config, parse_duration
 from .logs import setup_logging
-from .poll import (
-    SchemaProblem,
-    check_schema,
-    describe_endpoint,
-    explain,
-    resolve_preset,
-    stale_after_for,
-)
-from .presets import Preset, Statement
-from .recovery import MAX_LOGGED_IDS, Recoverer, StaleJob, connect_rw, record_run
+from .recovery import MAX_LOGGED_IDS, Recoverer, record_run
+from .sources import SchemaProblem, StaleJob
+from .sources.postgres import describe_endpoint, explain
+from .sources.postgres.actions import PostgresActions, connect_rw
+from .sources.postgres.catalog import check_schema, resolve_preset
+from .sources.postgres.presets import Preset, Statement
 
 LIVE_STATES = ("pending", "scheduled", "retrying", "running")
 DEFAULT_STATES = (*LIVE_STATES, "failed", "dead")
@@ -149,7 +145,10 @@ async def open_session(
     conn = await connect_rw(target, "operator", preset.schema)
     try:
         preset = await check_schema(conn, target, preset)
-        yield Session(target, preset, stale_after_for(target, preset), conn)
+        stale_after = target.stale_after
+        if stale_after is None:
+            stale_after = preset.default_stale_after
+        yield Session(target, preset, stale_after, conn)
     finally:
         if not conn.is_closed():
             try:
@@ -400,13 +399,9 @@ async def recover_stale(
         "set recovery.reset_state (the native state a stale job goes back to)",
     )
     candidates = await stale_candidates(s, queue, kind)
+    actions = PostgresActions(s.target, lambda: s.preset, role="operator", conn=s.conn)
     recoverer = Recoverer(
-        s.target,
-        s.preset,
-        s.stale_after,
-        event="manual_recover_stale",
-        dry_run=not yes,
-        conn=s.conn,
+        s.target, actions, s.stale_after, event="manual_recover_stale", dry_run=not yes
     )
     result = await recoverer.run(candidates, time.time(), limit=limit)
     if result == "error":

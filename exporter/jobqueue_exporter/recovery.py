@@ -15,17 +15,14 @@ Every run logs one structured line and updates ``jobqueue_recovery_runs_total`` 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import asyncpg
-
 from .config import Recovery, Target
-from .presets import Preset
+from .sources import JobActions, SourceFailure, StaleJob
 
 log = logging.getLogger(__name__)
 
@@ -33,27 +30,6 @@ RUN_RESULTS = ("recovered", "dry_run", "nothing", "locked", "capped", "error")
 HOUR = 3600.0
 # job ids listed in one log line; the rest are counted in `ids_omitted`
 MAX_LOGGED_IDS = 1000
-
-
-async def connect_rw(target: Target, role: str, schema: str | None = None) -> asyncpg.Connection:
-    """A read-write session for acting on jobs: ``recovery.dsn`` if set, else the target's DSN, with the
-    target's timeouts and ``application_name`` ``jobqueue-exporter/<target>/<role>``."""
-    timeout_ms = int(target.statement_timeout * 1000)
-    settings = {
-        "application_name": f"jobqueue-exporter/{target.name}/{role}"[:63],
-        "statement_timeout": str(timeout_ms),
-        "lock_timeout": str(int(target.lock_timeout * 1000)),
-        "idle_in_transaction_session_timeout": str(timeout_ms * 2 + 1000),
-    }
-    schema = target.schema_ or schema
-    if schema:
-        settings["search_path"] = '"' + schema.replace('"', '""') + '"'
-    return await asyncpg.connect(
-        target.recovery.dsn or target.resolve_dsn(),
-        timeout=10.0,
-        command_timeout=target.statement_timeout + 5.0,
-        server_settings=settings,
-    )
 
 
 def record_run(
@@ -113,14 +89,6 @@ def record_run(
     )
 
 
-@dataclass(frozen=True)
-class StaleJob:
-    id: str
-    queue: str
-    kind: str
-    token: str
-
-
 @dataclass
 class RecoveryState:
     """What the metrics layer reads."""
@@ -153,7 +121,8 @@ class HoldTracker:
 
 
 class Recoverer:
-    """Resets stale jobs with the preset's ``recover`` statement under the target's advisory lock.
+    """Resets stale jobs through the source's :class:`~jobqueue_exporter.sources.JobActions` (one
+    atomic, re-checking step per run, under a per-target lock), behind the guards of this module.
 
     The exporter's poll loop feeds it through :meth:`after_poll` (hold window, caps, ``recovery.dry_run``);
     the ``recover-stale`` command calls :meth:`run` directly with ``event="manual_recover_stale"``, its
@@ -163,16 +132,15 @@ class Recoverer:
     def __init__(
         self,
         target: Target,
-        preset: Preset,
+        actions: JobActions,
         stale_after: float,
         *,
         event: str = "recovery",
         dry_run: bool | None = None,
-        conn: asyncpg.Connection | None = None,
     ):
         self.target = target
         self.config: Recovery = target.recovery
-        self.preset = preset
+        self.actions = actions
         self.stale_after = stale_after
         self.event = event
         self.dry_run = self.config.dry_run if dry_run is None else dry_run
@@ -184,9 +152,6 @@ class Recoverer:
         self.last_changed: list[dict] = []  # rows the last run reset (or would have, in a dry run)
         self.last_error: str | None = None
         self._recent: deque[tuple[float, int]] = deque()  # (when, jobs) of the last hour
-        self._conn: asyncpg.Connection | None = conn
-        # one lock id per target, the same in every replica and for the manual command
-        self.lock_key = f"jobqueue-exporter/recovery/{target.name}"
 
     def eligible(self, job: StaleJob) -> bool:
         allowed_queues, allowed_kinds = self.config.queues, self.config.kinds
@@ -200,18 +165,11 @@ class Recoverer:
         used = sum(jobs for _, jobs in self._recent)
         return max(0, min(self.config.max_jobs_per_run, self.config.max_jobs_per_hour - used))
 
-    async def _connection(self) -> asyncpg.Connection:
-        if self._conn is None or self._conn.is_closed():
-            self._conn = await connect_rw(self.target, "recovery", self.preset.schema)
-        return self._conn
-
     async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None and not conn.is_closed():
-            try:
-                await asyncio.wait_for(conn.close(), timeout=2.0)
-            except BaseException:
-                conn.terminate()
+        await self.actions.close()
+
+    def abort(self) -> None:
+        self.actions.abort()
 
     async def after_poll(
         self, stale: list[StaleJob] | None, now: float | None = None
@@ -232,47 +190,16 @@ class Recoverer:
         limit = self.budget(now) if limit is None else limit
         if limit == 0:
             return self._record("capped", candidates, [])
-        statement = self.preset.recover
-        assert statement is not None and statement.sql
         try:
-            conn = await self._connection()
-            transaction = conn.transaction()
-            await transaction.start()
-            try:
-                got_lock = await conn.fetchval(
-                    "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))", self.lock_key
-                )
-                rows = []
-                if got_lock:
-                    rows = await conn.fetch(
-                        statement.sql,
-                        self.stale_after,
-                        [job.id for job in candidates],
-                        [job.token for job in candidates],
-                        limit,
-                        *statement.params,
-                    )
-            except BaseException:
-                await transaction.rollback()
-                raise
-            if self.dry_run or not got_lock:
-                await transaction.rollback()
-            else:
-                await transaction.commit()
-        except (
-            OSError,
-            asyncpg.PostgresError,
-            asyncpg.InterfaceError,
-            asyncio.TimeoutError,
-        ) as exc:
-            # a failed transaction changed nothing, or (connection lost during COMMIT) either changed
-            # every row or none: a job is never half-reset, and the next polls show which
-            await self.close()
-            self.last_error = str(exc) or type(exc).__name__
+            result = await self.actions.reset_stale(
+                candidates, self.stale_after, limit, commit=not self.dry_run
+            )
+        except SourceFailure as exc:
+            self.last_error = str(exc)
             return self._record("error", candidates, [], error=self.last_error)
-        if not got_lock:
+        if result.locked:
             return self._record("locked", candidates, [])
-        changed = self.last_changed = [dict(row) for row in rows]
+        changed = self.last_changed = list(result.changed)
         if not changed:
             return self._record("nothing", candidates, [])
         if self.dry_run:

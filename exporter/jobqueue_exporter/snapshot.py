@@ -163,8 +163,8 @@ def _row_order(row: tuple) -> tuple[str, str]:
 
 def build_snapshot(
     policy: LabelPolicy,
-    live_rows: Iterable[tuple[str, str, str, int, float | None, int]],
-    terminal_rows: Iterable[tuple[str, str, str, int]] | None,
+    live_rows: Iterable[tuple[str | None, str | None, str, int, float | None, int]],
+    terminal_rows: Iterable[tuple[str | None, str | None, str, int]] | None,
     taken_at: float | None = None,
 ) -> TargetSnapshot:
     series: dict[SeriesKey, QueueStats] = {}

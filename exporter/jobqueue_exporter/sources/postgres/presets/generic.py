@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
-from ..config import Recovery, TableMapping
+from ....config import Recovery, TableMapping
 from . import PerQueueTail, Preset, Statement
 
 

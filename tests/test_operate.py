@@ -218,7 +218,7 @@ async def test_live_listing_reads_the_partial_indexes(dsn: str, db: asyncpg.Conn
     for name in ("procrastinate", "publaryn"):
         target = {"name": name, "dsn": dsn, "preset": name}
         async with session(target) as s:
-            statement = s.preset.list_live
+            statement = s.actions.preset.list_live
             assert statement is not None
             rows = await db.fetch(
                 "EXPLAIN " + statement.sql, 30.0, list(operate.LIVE_STATES), None, None, 50

@@ -27,7 +27,6 @@ import asyncio
 import dataclasses
 import json
 import shlex
-import socket
 import sys
 import time
 from collections import Counter
@@ -36,16 +35,17 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import asyncpg
-
 from .config import Config, Target, load_config, parse_duration
 from .logs import setup_logging
 from .recovery import MAX_LOGGED_IDS, Recoverer, record_run
-from .sources import SchemaProblem, StaleJob
-from .sources.postgres import describe_endpoint, explain
-from .sources.postgres.actions import PostgresActions, connect_rw
-from .sources.postgres.catalog import check_schema, resolve_preset
-from .sources.postgres.presets import Preset, Statement
+from .sources import (
+    JobRow,
+    OperatorActions,
+    SchemaProblem,
+    SourceFailure,
+    StaleJob,
+    open_operator_session,
+)
 
 LIVE_STATES = ("pending", "scheduled", "retrying", "running")
 DEFAULT_STATES = (*LIVE_STATES, "failed", "dead")
@@ -53,7 +53,6 @@ DEFAULT_RETRY_LIMIT = 100
 # a purge dry run stops counting here and reports "at least"
 PREVIEW_CAP = 1_000_000
 DRY_RUN_NOTE = "dry run: pass --yes to act"
-DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError)
 
 
 class OperatorError(Exception):
@@ -95,10 +94,11 @@ class Report:
 
 @dataclass(frozen=True)
 class Session:
+    """One operator command's view of a target: its job verbs (on a read-write session of their own)."""
+
     target: Target
-    preset: Preset
+    actions: OperatorActions
     stale_after: float
-    conn: asyncpg.Connection
     # how hints spell a follow-up command (``{verb}`` replaced), so it can be copied as is
     command: str = "jobqueue-exporter {verb}"
 
@@ -141,38 +141,8 @@ async def open_session(
     config: Config, name: str, retry_state: str | None = None
 ) -> AsyncIterator[Session]:
     target = with_retry_state(find_target(config, name), retry_state)
-    preset = resolve_preset(target)
-    conn = await connect_rw(target, "operator", preset.schema)
-    try:
-        preset = await check_schema(conn, target, preset)
-        stale_after = target.stale_after
-        if stale_after is None:
-            stale_after = preset.default_stale_after
-        yield Session(target, preset, stale_after, conn)
-    finally:
-        if not conn.is_closed():
-            try:
-                await asyncio.wait_for(conn.close(), timeout=2.0)
-            except BaseException:
-                conn.terminate()
-
-
-async def _execute(
-    conn: asyncpg.Connection, sql: str, args: Sequence[Any], commit: bool
-) -> list[dict]:
-    """Run one statement in its own transaction; commit it, or roll it back (a dry run)."""
-    transaction = conn.transaction()
-    await transaction.start()
-    try:
-        rows = await conn.fetch(sql, *args)
-    except BaseException:
-        await transaction.rollback()
-        raise
-    if commit:
-        await transaction.commit()
-    else:
-        await transaction.rollback()
-    return [dict(row) for row in rows]
+    async with open_operator_session(target) as (actions, stale_after):
+        yield Session(target, actions, stale_after)
 
 
 def _changed(rows: list[dict]) -> list[dict[str, Any]]:
@@ -183,10 +153,9 @@ def _changed(rows: list[dict]) -> list[dict[str, Any]]:
     ]
 
 
-def _statement(s: Session, statement: Statement | None, command: str, why: str) -> Statement:
-    if statement is None or not statement.sql:
+def _require(s: Session, available: bool, command: str, why: str) -> None:
+    if not available:
         raise OperatorError(f"{command} is not available for target {s.target.name!r}: {why}")
-    return statement
 
 
 # -- jobs -----------------------------------------------------------------------------------------
@@ -195,18 +164,18 @@ def _statement(s: Session, statement: Statement | None, command: str, why: str) 
 def _hint(s: Session, row: dict[str, Any]) -> str:
     if row["is_stale"]:
         if s.target.builtin_rescue_problems():
-            return f"stale: {s.preset.name}'s own sweep resets it"
+            return f"stale: {s.actions.preset_name}'s own sweep resets it"
         return f"stale: preview the reset with `{s.cli('recover-stale')}`"
     if row["can_retry"]:
-        to = ["--to", "STATE"] if s.preset.retry is None else []
+        to = ["--to", "STATE"] if s.actions.verbs.retry_needs_state else []
         return f"{row['state']}: retry with `{s.cli('retry', shlex.quote(row['id']), *to)}`"
     if row["state"] in ("failed", "dead"):
-        return f"{row['state']}: cannot be retried now ({s.preset.retry_rule})"
+        return f"{row['state']}: cannot be retried now ({s.actions.verbs.retry_rule})"
     return ""
 
 
-def _job(s: Session, row: asyncpg.Record) -> Job:
-    values = dict(row)
+def _job(s: Session, row: JobRow) -> Job:
+    values = asdict(row)
     return Job(**values, hint=_hint(s, values))
 
 
@@ -217,16 +186,6 @@ class Selection:
     jobs: int | None  # None: counting took longer than statement_timeout
     stale: int
     retryable: int | None
-
-
-def _listings(s: Session, states: Sequence[str]) -> list[tuple[Statement, list[str]]]:
-    live = [state for state in states if state in LIVE_STATES]
-    terminal = [state for state in states if state not in LIVE_STATES]
-    return [
-        (statement, wanted)
-        for statement, wanted in ((s.preset.list_live, live), (s.preset.list_terminal, terminal))
-        if wanted and statement is not None
-    ]
 
 
 async def _stale_page(
@@ -269,66 +228,33 @@ async def select_jobs(
 ) -> tuple[list[Job], Selection | None]:
     """One page of the selection (stale jobs first) and, with ``count``, the counts of all of it. One
     REPEATABLE READ snapshot, so the page and the counts agree."""
-    async with s.conn.transaction(isolation="repeatable_read", readonly=True):
+    async with s.actions.consistent_read():
         stale_total, page = 0, list[Job]()
-        if "running" in states and s.preset.stale_jobs is not None:
+        if "running" in states and s.actions.verbs.stale_jobs:
             stale_total, page = await _stale_page(s, queue, kind, limit)
         if stale_only:
             return page, Selection(stale_total, stale_total, 0) if count else None
         shown = {job.id for job in page}
-        for statement, wanted in _listings(s, states):
-            if len(page) >= limit:
-                break
-            # over-fetch by the stale jobs already shown, which this listing returns again
-            rows = await s.conn.fetch(
-                statement.sql,
-                s.stale_after,
-                wanted,
-                queue,
-                kind,
-                limit - len(page) + len(shown),
-                *statement.params,
+        if len(page) < limit:
+            # over-fetch by the stale jobs already shown, which the listing returns again
+            rows = await s.actions.list_jobs(
+                s.stale_after, states, queue, kind, limit - len(page) + len(shown)
             )
-            page += [_job(s, row) for row in rows if row["id"] not in shown][: limit - len(page)]
-        selection = await _count_selection(s, states, queue, kind, stale_total) if count else None
+            page += [_job(s, row) for row in rows if row.id not in shown][: limit - len(page)]
+        selection = None
+        if count:
+            counted = await s.actions.count_jobs(s.stale_after, states, queue, kind)
+            selection = (
+                Selection(counted[0], stale_total, counted[1])
+                if counted is not None
+                else Selection(None, stale_total, None)
+            )
     return page, selection
 
 
-async def _count_selection(
-    s: Session, states: Sequence[str], queue: str | None, kind: str | None, stale: int
-) -> Selection:
-    """Count the whole selection with the listing statements themselves (``LIMIT NULL`` is no limit),
-    so the counts use exactly the listing's predicate. Terminal states may have a long history: if the
-    count exceeds statement_timeout, say so instead of failing the listing."""
-    jobs = retryable = 0
-    for statement, wanted in _listings(s, states):
-        try:
-            async with (
-                s.conn.transaction()
-            ):  # a savepoint: a cancelled count leaves the rest usable
-                row = await s.conn.fetchrow(
-                    "SELECT count(*) AS jobs, count(*) FILTER (WHERE can_retry) AS retryable"
-                    f" FROM ({statement.sql}) AS selection",
-                    s.stale_after,
-                    wanted,
-                    queue,
-                    kind,
-                    None,
-                    *statement.params,
-                )
-        except asyncpg.QueryCanceledError:
-            return Selection(None, stale, None)
-        jobs += row["jobs"]
-        retryable += row["retryable"]
-    return Selection(jobs, stale, retryable)
-
-
 async def get_job(s: Session, job_id: str) -> Job:
-    statement = _statement(s, s.preset.job, "looking up a job", "no statement")
-    try:
-        row = await s.conn.fetchrow(statement.sql, s.stale_after, job_id, *statement.params)
-    except asyncpg.DataError:  # not even the shape of an id here (bigint, uuid, ...)
-        row = None
+    _require(s, s.actions.verbs.job, "looking up a job", "no statement")
+    row = await s.actions.job(s.stale_after, job_id)
     if row is None:
         raise OperatorError(f"unknown job id {job_id!r} on target {s.target.name!r}")
     return _job(s, row)
@@ -374,16 +300,16 @@ def refuse_builtin_rescue(target: Target) -> None:
 async def stale_candidates(
     s: Session, queue: str | None, kind: str | None, in_transaction: bool = True
 ) -> list[StaleJob]:
-    statement = _statement(s, s.preset.stale_jobs, "recover-stale", "no stale-job statement")
+    _require(s, s.actions.verbs.stale_jobs, "recover-stale", "no stale-job statement")
     if in_transaction:
-        async with s.conn.transaction(isolation="repeatable_read", readonly=True):
-            rows = await s.conn.fetch(statement.sql, s.stale_after, *statement.params)
+        async with s.actions.consistent_read():
+            jobs = await s.actions.stale_jobs(s.stale_after)
     else:
-        rows = await s.conn.fetch(statement.sql, s.stale_after, *statement.params)
+        jobs = await s.actions.stale_jobs(s.stale_after)
     return [
-        StaleJob(r["id"], r["queue"], r["kind"], r["token"])
-        for r in rows
-        if (queue is None or r["queue"] == queue) and (kind is None or r["kind"] == kind)
+        job
+        for job in jobs
+        if (queue is None or job.queue == queue) and (kind is None or job.kind == kind)
     ]
 
 
@@ -392,16 +318,15 @@ async def recover_stale(
 ) -> Report:
     """Automatic recovery's run, now: no hold window, the same statement, lock and re-checks."""
     refuse_builtin_rescue(s.target)  # (cmd_recover_stale also checks before connecting)
-    _statement(
+    _require(
         s,
-        s.preset.recover,
+        s.actions.verbs.reset_stale,
         "recover-stale",
         "set recovery.reset_state (the native state a stale job goes back to)",
     )
     candidates = await stale_candidates(s, queue, kind)
-    actions = PostgresActions(s.target, lambda: s.preset, role="operator", conn=s.conn)
     recoverer = Recoverer(
-        s.target, actions, s.stale_after, event="manual_recover_stale", dry_run=not yes
+        s.target, s.actions, s.stale_after, event="manual_recover_stale", dry_run=not yes
     )
     result = await recoverer.run(candidates, time.time(), limit=limit)
     if result == "error":
@@ -443,9 +368,9 @@ async def retry_jobs(
     yes: bool,
 ) -> Report:
     """Failed/dead jobs back to waiting, as the queue system's own retry does."""
-    statement = _statement(
+    _require(
         s,
-        s.preset.retry,
+        s.actions.verbs.retry,
         "retry",
         "set recovery.reset_state or pass --to with a waiting state, e.g. --to pending",
     )
@@ -454,18 +379,18 @@ async def retry_jobs(
         if not job.can_retry:
             raise OperatorError(
                 f"job {job_id} on target {s.target.name!r} is {job.state} "
-                f"({job.native_state}), so it cannot be retried: {s.preset.retry_rule}"
+                f"({job.native_state}), so it cannot be retried: {s.actions.verbs.retry_rule}"
             )
         limit = 1
-    args = [[job_id] if job_id is not None else None, queue, kind, limit, *statement.params]
     record: dict[str, Any] = {
         "dry_run": not yes,
         "candidates": [job_id] if job_id else None,
         "verb": "retried",
     }
     try:
-        changed = await _execute(s.conn, statement.sql, args, commit=yes)
-    except DB_ERRORS as exc:
+        ids = [job_id] if job_id is not None else None
+        changed = await s.actions.retry(ids, queue, kind, limit, commit=yes)
+    except SourceFailure as exc:
         record_run("manual_retry", s.target.name, "error", changed=[], error=str(exc), **record)
         raise DatabaseFailure(f"retry on target {s.target.name!r}: {exc}") from None
     result = ("dry_run" if not yes else "retried") if changed else "nothing"
@@ -506,7 +431,6 @@ class PurgeTally:
 
 async def _purge_walk(
     s: Session,
-    statement: Statement,
     older_than: float,
     include_failed: bool,
     batch: int,
@@ -516,10 +440,9 @@ async def _purge_walk(
     short (or, for a dry run, PREVIEW_CAP rows were counted)."""
     tally, after = PurgeTally(), None
     while commit or tally.total < PREVIEW_CAP:
-        args = [older_than, include_failed, after, batch, *statement.params]
         try:
-            rows = await _execute(s.conn, statement.sql, args, commit)
-        except DB_ERRORS as exc:
+            rows = await s.actions.purge_batch(older_than, include_failed, after, batch, commit)
+        except SourceFailure as exc:
             raise PurgeInterrupted(tally, exc) from None
         tally.add(rows)
         if len(rows) < batch:
@@ -539,7 +462,7 @@ async def purge(
 ) -> Report:
     """Finished jobs older than ``older_than`` seconds, chosen the way the queue's own cleanup does."""
     why = "map timestamps.finished so the age of a finished job is known"
-    statement = _statement(s, s.preset.purge if yes else s.preset.purge_preview, "purge", why)
+    _require(s, s.actions.verbs.purge, "purge", why)
     fields: dict[str, Any] = {
         "older_than_seconds": older_than,
         "include_failed": include_failed,
@@ -547,7 +470,7 @@ async def purge(
     }
     record: dict[str, Any] = {"dry_run": not yes, "verb": "deleted", **fields}
     try:
-        tally = await _purge_walk(s, statement, older_than, include_failed, batch, commit=yes)
+        tally = await _purge_walk(s, older_than, include_failed, batch, commit=yes)
     except PurgeInterrupted as stop:
         record_run(
             "manual_purge",
@@ -697,14 +620,8 @@ def _run(
     except DatabaseFailure as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except DB_ERRORS as exc:
-        text = str(exc) or type(exc).__name__
-        if isinstance(exc, (socket.gaierror, ConnectionRefusedError)):
-            # name the host, as the poller does ("could not resolve host db.internal")
-            target = find_target(config, args.target)
-            dsn = target.recovery.dsn or target.resolve_dsn()
-            text = str(explain(exc, True, describe_endpoint(dsn)))
-        print(f"error: target {args.target}: {text}", file=sys.stderr)
+    except SourceFailure as exc:  # unreachable, or failed mid-way (named as the poller does)
+        print(f"error: target {args.target}: {exc}", file=sys.stderr)
         return 1
     print(render(report, args.json))
     return 0

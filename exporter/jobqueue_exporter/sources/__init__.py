@@ -13,6 +13,7 @@ source are data in its package (``sources/postgres/presets/``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -161,6 +162,38 @@ class Source(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class JobRow:
+    """One job as the operator commands show it: ``state`` canonical, ``native_state`` as stored;
+    ``last_error``/``lock_owner`` None where the store keeps none."""
+
+    id: str
+    queue: str | None
+    kind: str | None
+    state: str
+    native_state: str
+    attempts: int | None
+    last_error: str | None
+    lock_owner: str | None
+    is_stale: bool
+    can_retry: bool
+
+
+@dataclass(frozen=True)
+class Verbs:
+    """Which job verbs a source offers for a target, and in words what ``retry`` accepts."""
+
+    list_jobs: bool
+    job: bool
+    stale_jobs: bool
+    reset_stale: bool
+    retry: bool
+    purge: bool
+    retry_rule: str = "only failed or dead jobs"
+    # `retry` needs the waiting state to put jobs back to (a table mapping without reset_state)
+    retry_needs_state: bool = False
+
+
 @dataclass
 class ResetResult:
     """What a reset of stale jobs did: ``locked`` when another replica or operator held the target's
@@ -186,6 +219,56 @@ class JobActions(Protocol):
     def abort(self) -> None:
         """Drop the session at once (shutdown with a store that stopped answering)."""
         ...
+
+
+class OperatorActions(JobActions, Protocol):
+    """The operator commands' verbs (see ``operate.py``); which a target offers is in ``verbs``."""
+
+    @property
+    def verbs(self) -> Verbs: ...
+
+    @property
+    def preset_name(self) -> str: ...
+
+    def consistent_read(self) -> AbstractAsyncContextManager[None]:
+        """One read-only snapshot for the reads inside (a page and its counts agree)."""
+        ...
+
+    async def stale_jobs(self, stale_after: float) -> list[StaleJob]: ...
+
+    async def list_jobs(
+        self,
+        stale_after: float,
+        states: Sequence[str],
+        queue: str | None,
+        kind: str | None,
+        limit: int,
+    ) -> list[JobRow]: ...
+
+    async def count_jobs(
+        self, stale_after: float, states: Sequence[str], queue: str | None, kind: str | None
+    ) -> tuple[int, int] | None:
+        """(jobs, retryable) of the whole selection; None when counting exceeded the time limit."""
+        ...
+
+    async def job(self, stale_after: float, job_id: str) -> JobRow | None: ...
+
+    async def retry(
+        self, ids: list[str] | None, queue: str | None, kind: str | None, limit: int, commit: bool
+    ) -> list[dict]: ...
+
+    async def purge_batch(
+        self, older_than: float, include_failed: bool, after: str | None, batch: int, commit: bool
+    ) -> list[dict]: ...
+
+
+def open_operator_session(
+    target: Target,
+) -> AbstractAsyncContextManager[tuple[OperatorActions, float]]:
+    """A checked read-write session for the operator commands: (actions, stale_after)."""
+    from .postgres.actions import operator_session
+
+    return operator_session(target)
 
 
 def open_source(target: Target, connect_timeout: float) -> Source:

@@ -103,6 +103,7 @@ def test_demo_serves_live_metrics_and_stops_cleanly_on_ctrl_c(demo) -> None:
     assert proc.wait(timeout=10) == 0
     stdout, stderr = out.read_text(), err.read_text()
     assert url in stdout
+    assert "(stops after" in stdout and "Ctrl-C" not in stdout, "a duration was given"
     assert "finished since start:" in stdout and "imports" in stdout
     assert "Traceback" not in stderr, stderr
 

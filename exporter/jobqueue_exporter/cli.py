@@ -164,6 +164,11 @@ async def _serve(
         await asyncio.wait_for(exporter.stop(), timeout=2.0)
     except asyncio.TimeoutError:
         log.warning("shutdown did not finish within 2s; exiting anyway")
+    import gc
+
+    # Nothing is left to free but the whole heap, which the interpreter tears down on exit: its final
+    # garbage collections would scan every object (60 ms idle, up to 0.5 s on a loaded machine).
+    gc.freeze()
 
 
 async def poll_all_once(config: Config) -> tuple[bytes, list[str]]:

@@ -256,6 +256,21 @@ def format_summary(state: TargetState, now: float, elapsed: float) -> str:
     return "\n".join(lines)
 
 
+def seconds_text(seconds: float) -> str:
+    return f"{seconds:.10g}s"
+
+
+def banner(url: str, duration: float | None) -> str:
+    """What the demo prints once the exporter serves: the URL, how the demo ends, the workload."""
+    ends = "Ctrl-C to stop" if duration is None else f"stops after {seconds_text(duration)}"
+    return (
+        f"Metrics: {url}   ({ends})\n"
+        "  emails, reports, payments: jobs deferred in waves, drained by 2 workers\n"
+        f"  {DYING_QUEUE}: every {KILL_EVERY:g}s a worker is SIGKILLed mid-job; the job turns"
+        f" stale {STALE_AFTER:g}s later"
+    )
+
+
 async def print_summaries(state: TargetState, started: float) -> None:
     while True:
         await asyncio.sleep(SUMMARY_EVERY)
@@ -266,6 +281,7 @@ async def print_summaries(state: TargetState, started: float) -> None:
 
 
 async def run_demo(listen: str, duration: float | None = None) -> int:
+    """Run until Ctrl-C/SIGTERM, or for ``duration`` seconds; 0 unless the demo itself failed."""
     parse_listen(listen)  # a typo should fail before PostgreSQL is started
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -307,13 +323,7 @@ async def _run(dsn: str, listen: str, duration: float | None, stop: asyncio.Even
         try:
             await exporter.start()
             started = time.monotonic()
-            print(
-                f"Metrics: {display_url(exporter.host, exporter.port)}   (Ctrl-C to stop)\n"
-                "  emails, reports, payments: jobs deferred in waves, drained by 2 workers\n"
-                f"  {DYING_QUEUE}: every {KILL_EVERY:g}s a worker is SIGKILLed mid-job; the job turns"
-                f" stale {STALE_AFTER:g}s later",
-                flush=True,
-            )
+            print(banner(display_url(exporter.host, exporter.port), duration), flush=True)
             tasks = [
                 asyncio.create_task(run_worker(app, "worker-1")),
                 asyncio.create_task(run_worker(app, "worker-2")),
@@ -330,7 +340,10 @@ async def _run(dsn: str, listen: str, duration: float | None, stop: asyncio.Even
             for task in crashed:
                 # the background loops never return: one that did has failed
                 print(f"error: demo task failed: {task.exception()!r}", file=sys.stderr)
-            print("Stopping...", flush=True)
+            if done or duration is None:
+                print("Stopping...", flush=True)
+            else:
+                print(f"Stopping after {seconds_text(duration)}...", flush=True)
             return 1 if crashed else 0
         finally:
             for task in tasks:

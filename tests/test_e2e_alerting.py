@@ -34,7 +34,7 @@ from helpers import (
     wait_for,
     with_database,
 )
-from jobqueue_exporter.cli import Exporter
+from jobqueue_exporter.exporter import Exporter
 from procrastinate_app import apply_schema, make_app
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

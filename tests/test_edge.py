@@ -14,7 +14,7 @@ import subprocess
 
 import aiohttp
 from helpers import make_config, parse_metrics, require_binary, value, wait_for
-from jobqueue_exporter.cli import Exporter
+from jobqueue_exporter.exporter import Exporter
 from jobqueue_exporter.http import HttpLimits
 from jobqueue_exporter.snapshot import LabelPolicy, build_snapshot
 from procrastinate_app import apply_schema

@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 from helpers import make_config, parse_metrics, value, wait_for
-from jobqueue_exporter.cli import Exporter, build_cache, build_pollers
+from jobqueue_exporter.exporter import Exporter, build_cache, build_pollers
 from jobqueue_exporter.http import make_app
 from procrastinate_app import apply_schema
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 from helpers import make_config, scrape, series, value, wait_for
-from jobqueue_exporter.cli import Exporter
 from jobqueue_exporter.embedded import EmbeddedPostgres
+from jobqueue_exporter.exporter import Exporter
 from jobqueue_exporter.poll import TargetPoller
 from procrastinate_app import apply_schema
 

@@ -23,9 +23,9 @@ from collections.abc import Awaitable, Callable
 
 import procrastinate
 
-from .cli import Exporter
 from .config import Config, load_config_data, parse_listen
 from .embedded import EmbeddedPostgres
+from .exporter import Exporter
 from .poll import TargetState
 
 with warnings.catch_warnings():

@@ -103,3 +103,16 @@ def require_binary(name: str) -> str:
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+def redis_url_for(url: str, db: int, user: str | None = None, password: str | None = None) -> str:
+    """``url`` with another database number (and, when given, user and password)."""
+    from urllib.parse import quote
+
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    if user is not None:
+        netloc = f"{quote(user, safe='')}:{quote(password or '', safe='')}@{netloc}"
+    elif "@" in parts.netloc:
+        netloc = parts.netloc
+    return urlunsplit(parts._replace(netloc=netloc, path=f"/{db}"))

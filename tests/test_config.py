@@ -105,7 +105,7 @@ MISTAKES = [
         "unknown-preset",
         "targets:\n  - name: main\n    dsn: postgresql://x/db\n    preset: celery\n",
         f"{T0}.preset",
-        ["unknown preset 'celery'", "known presets: generic, procrastinate, publaryn"],
+        ["unknown preset 'celery'", "known presets: asynq, generic, procrastinate, publaryn"],
     ),
     (
         "bad-duration",

@@ -116,14 +116,14 @@ def test_valid_values_match_asyncpg() -> None:
         ("mysql://u@h/db", "mysql"),
         ("http://example.com/", "http"),
         ("https://u:pw@example.com/db", "https"),
-        ("redis://localhost:6379/0", "redis"),
         ("jdbc:postgresql://h/db", "jdbc:postgresql"),
     ],
 )
 def test_unsupported_scheme(dsn: str, scheme: str) -> None:
     assert dsn_problems(dsn) == [
         f"scheme '{scheme}' is not supported: the supported schemes are postgresql:// and "
-        f"postgres://; a PostgreSQL URI looks like {EXAMPLE}"
+        "postgres:// (PostgreSQL), redis://, rediss:// and unix:// (Redis); a PostgreSQL URI "
+        f"looks like {EXAMPLE}"
     ]
 
 
@@ -140,7 +140,8 @@ def test_not_a_uri_and_empty() -> None:
     assert dsn_problems("  ") == [f"is empty: set a connection URI, e.g. {EXAMPLE}"]
     assert dsn_problems("://h/db") == [
         "an empty scheme is not supported: the supported schemes are postgresql:// and "
-        f"postgres://; a PostgreSQL URI looks like {EXAMPLE}"
+        "postgres:// (PostgreSQL), redis://, rediss:// and unix:// (Redis); a PostgreSQL URI "
+        f"looks like {EXAMPLE}"
     ]
 
 

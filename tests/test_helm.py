@@ -354,7 +354,7 @@ def test_defaults_alone_fail_with_what_to_set() -> None:
         ),
         (
             {"config": {"targets": [{"name": "app", "preset": "procrastinat"}]}},
-            "at '/config/targets/0/preset': value must be one of 'generic', 'procrastinate', 'publaryn'",
+            "at '/config/targets/0/preset': value must be one of 'asynq', 'generic', 'procrastinate', 'publaryn'",
         ),
         (
             {"config": {"targets": [{"name": "app", "stale_after": "30 seconds"}]}},

@@ -352,6 +352,8 @@ class Target(_Strict):
     success_window: Duration = 600.0
     statement_timeout: Duration = 5.0
     lock_timeout: Duration = 1.0
+    # Redis targets: client-side timeout of every command (Redis has no server-side statement timeout)
+    socket_timeout: Duration = 5.0
     queues: list[str] | None = None
     max_kinds_per_queue: int = Field(DEFAULT_MAX_KINDS_PER_QUEUE, ge=1, le=10000)
     max_queues: int = DEFAULT_MAX_QUEUES
@@ -383,10 +385,7 @@ class Target(_Strict):
                 "dsn is empty: set a connection URI, e.g. postgresql://user@host:5432/db or ${DSN}"
             )
         if value is not None:
-            from .dsn import dsn_problems
-
-            # asyncpg would misread these silently (a password turned into a host name, ...)
-            _raise_problems([((), problem) for problem in dsn_problems(value)])
+            _raise_problems([((), problem) for problem in dsn_problems_of(value)])
         return value
 
     @field_validator("preset")
@@ -415,6 +414,13 @@ class Target(_Strict):
             )
         if value > MAX_TIMEOUT:
             raise ValueError(f"{info.field_name} must be at most 1d, e.g. 5s")
+        return value
+
+    @field_validator("socket_timeout")
+    @classmethod
+    def _socket_timeout(cls, value: float) -> float:
+        if not 0.001 <= value <= MAX_TIMEOUT:
+            raise ValueError("socket_timeout must be between 1ms and 1d, e.g. 5s")
         return value
 
     @field_validator("success_window")
@@ -520,6 +526,7 @@ class Target(_Strict):
             )
         if self.preset == "generic" and self.table is None:
             problems.append(((), "preset 'generic' needs a 'table' mapping"))
+        problems += self._source_problems()
         if self.table is not None:
             problems += self._table_problems(self.table)
         if (
@@ -538,6 +545,40 @@ class Target(_Strict):
         problems += self._recovery_problems()
         _raise_problems(problems)
         return self
+
+    def _source_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        """The DSN's scheme selects the source; the preset must be one of that source's."""
+        from .sources import EXAMPLE_DSN, SOURCE_NAMES, preset_catalog, source_kind
+
+        if self.dsn is None or (self.preset is None and self.table is None):
+            return []  # a dsn_file is checked once read (load_config)
+        kind = source_kind(self.dsn)
+        info = preset_catalog().get(self.preset_name)
+        if kind is None or info is None or info.source == kind:
+            return []
+        same = sorted(n for n, i in preset_catalog().items() if i.source == kind)
+        return [
+            (
+                ("preset",),
+                f"preset {self.preset_name!r} reads {SOURCE_NAMES[info.source]}, but dsn is a "
+                f"{SOURCE_NAMES[kind]} URL: use a {SOURCE_NAMES[info.source]} DSN (e.g. "
+                f"{EXAMPLE_DSN[info.source]}) or a {SOURCE_NAMES[kind]} preset ({', '.join(same)})",
+            )
+        ]
+
+    @property
+    def source_kind(self) -> str:
+        """``postgres`` or ``redis``: from the DSN's scheme, else from the preset."""
+        from .sources import preset_catalog, source_kind
+
+        dsn = self.dsn
+        if dsn is None and self.dsn_file is not None and self.dsn_file.is_file():
+            dsn = self.dsn_file.read_text().strip()
+        kind = source_kind(dsn or "")
+        if kind is not None:
+            return kind
+        info = preset_catalog().get(self.preset_name)
+        return info.source if info is not None else "postgres"
 
     def _table_problems(self, table: TableMapping) -> list[tuple[tuple[str | int, ...], str]]:
         """Target settings a table mapping cannot honour."""
@@ -564,6 +605,14 @@ class Target(_Strict):
         recovery = self.recovery
         if not recovery.enabled or (self.preset is None and self.table is None):
             return []
+        if self.source_kind == "redis":
+            return [
+                (
+                    ("recovery", "enabled"),
+                    f"{self.preset_name} targets are report-only: the queue system rescues "
+                    "expired jobs itself and the exporter never writes to Redis; remove recovery",
+                )
+            ]
         problems: list[tuple[tuple[str | int, ...], str]] = []
         if self.table is not None:
             if recovery.reset_state is None:
@@ -590,9 +639,9 @@ class Target(_Strict):
     def builtin_rescue_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
         """Why resetting stale jobs would race the queue system's own rescue (empty: it would not).
         The rule for automatic recovery and for the ``recover-stale`` command alike."""
-        from .sources.postgres.presets import PRESETS
+        from .sources import preset_catalog
 
-        preset = PRESETS.get(self.preset or "")
+        preset = preset_catalog().get(self.preset or "")
         if preset is None or preset.builtin_rescue_after is None:
             return []
         if not self.recovery.override_builtin_rescue:
@@ -713,9 +762,17 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 def known_presets() -> list[str]:
-    from .sources.postgres.presets import PRESETS
+    from .sources import preset_catalog
 
-    return sorted([*PRESETS, "generic"])
+    return sorted(preset_catalog())
+
+
+def dsn_problems_of(dsn: str) -> list[str]:
+    """What the driver of the DSN's source would misread (a password turned into a host name, ...)."""
+    from .dsn import dsn_problems, redis_dsn_problems
+    from .sources import source_kind
+
+    return redis_dsn_problems(dsn) if source_kind(dsn) == "redis" else dsn_problems(dsn)
 
 
 def _loc_to_path(loc: tuple[Any, ...], data: Any, user_parts: int = 0) -> str:
@@ -913,9 +970,7 @@ def load_config(path: str | Path) -> Config:
                     if not text:
                         problems.append(f"{where}: {dsn_file} is empty: put the DSN in it")
                     else:
-                        from .dsn import dsn_problems
-
-                        problems += [f"{where}: {dsn_file}: {p}" for p in dsn_problems(text)]
+                        problems += [f"{where}: {dsn_file}: {p}" for p in dsn_problems_of(text)]
                 except (OSError, UnicodeDecodeError) as exc:
                     problems.append(
                         f"{where}: cannot read {dsn_file}: {getattr(exc, 'strerror', None) or exc}"

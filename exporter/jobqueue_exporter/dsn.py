@@ -75,8 +75,9 @@ def dsn_problems(dsn: str) -> list[str]:
         else:  # not a scheme ("user:secret" perhaps), so it is not shown
             shown = "the text before :// is not a scheme and"
         return [
-            f"{shown} not supported: the supported schemes are postgresql:// and postgres://; "
-            f"a PostgreSQL URI looks like {EXAMPLE_URI}"
+            f"{shown} not supported: the supported schemes are postgresql:// and postgres:// "
+            f"(PostgreSQL), redis://, rediss:// and unix:// (Redis); a PostgreSQL URI looks like "
+            f"{EXAMPLE_URI}"
         ]
 
     userinfo, hostspec, tail, ambiguous = _split_authority(rest)
@@ -504,3 +505,41 @@ def _redact_keywords(text: str) -> str:
     for start, end in reversed(spans):
         text = text[:start] + "***" + text[end:]
     return text
+
+
+def redis_dsn_problems(dsn: str) -> list[str]:
+    """Problems of a Redis URL (``redis://``, ``rediss://`` TLS, ``unix://`` socket), as redis-py parses
+    it: the port, the database number, and the same unencoded characters in the password."""
+    from redis.connection import parse_url
+
+    text = dsn.strip()
+    scheme, _, rest = text.partition("://")
+    problems: list[str] = []
+    userinfo, hostspec, tail, _ = _split_authority(rest)
+    if userinfo is not None:
+        problems += [
+            p.replace("asyncpg", "redis-py") for p in _userinfo_problems(userinfo, bracket_ok=True)
+        ]
+    if scheme.lower() != "unix":
+        port = hostspec.rpartition(":")[2] if not hostspec.endswith("]") else ""
+        if ":" in hostspec and port and not _PORT.fullmatch(port):
+            problems.append("port is not a number: use a number from 1 to 65535, e.g. host:6379")
+        elif port and _PORT.fullmatch(port) and not 1 <= int(port) <= 65535:
+            problems.append(
+                f"port {int(port)} is out of range: use a number from 1 to 65535, e.g. host:6379"
+            )
+        path = tail.partition("?")[0].strip("/")
+        if path and not path.isdigit():
+            problems.append(
+                f"database {path!r} is not a number: Redis databases are numbered, e.g. "
+                "redis://host:6379/0"
+            )
+    if not problems:
+        try:
+            parse_url(text)
+        except ValueError:
+            problems.append(
+                "cannot be parsed as a Redis URL: percent-encode special characters in the user "
+                "name and password (e.g. '@' as %40), e.g. redis://user:password@host:6379/0"
+            )
+    return problems

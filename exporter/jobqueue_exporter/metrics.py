@@ -108,6 +108,12 @@ STALE_JOBS = Family(
     MetricType.GAUGE,
     "Running jobs that meet the target's stale rule (abandoned by their worker).",
 )
+QUEUE_PAUSED = Family(
+    "jobqueue_queue_paused",
+    MetricType.GAUGE,
+    "1 while the queue is paused (its workers take no job from it), else 0; only for systems that "
+    "can pause queues.",
+)
 SUCCESS_RATIO = Family(
     "jobqueue_success_ratio",
     MetricType.GAUGE,
@@ -143,6 +149,7 @@ FAMILIES: tuple[Family, ...] = (
     OLDEST_PENDING_AGE,
     OLDEST_RUNNING_AGE,
     STALE_JOBS,
+    QUEUE_PAUSED,
     SUCCESS_RATIO,
     JOBS_FINISHED,
     RECOVERY_RUNS,
@@ -256,6 +263,8 @@ class TargetRenderer:
                 add(RECOVERED_JOBS, self._key(key, keys), count)
         snapshot = state.snapshot
         if snapshot is not None:
+            for queue, paused in sorted((snapshot.paused or {}).items()):
+                add(QUEUE_PAUSED, f'{self.target},queue="{escape_label_value(queue)}"', int(paused))
             job_states = LIVE_STATES + (TERMINAL_STATES if snapshot.terminal_counted else ())
             jobs = lines[_INDEX[JOBS]]
             pending = lines[_INDEX[OLDEST_PENDING_AGE]]

@@ -40,6 +40,7 @@ from .logs import setup_logging
 from .recovery import MAX_LOGGED_IDS, Recoverer, record_run
 from .sources import (
     JobRow,
+    NoOperatorVerbs,
     OperatorActions,
     SchemaProblem,
     SourceFailure,
@@ -614,7 +615,7 @@ def _run(
 
     try:
         report = asyncio.run(go())
-    except (OperatorError, SchemaProblem) as exc:
+    except (OperatorError, SchemaProblem, NoOperatorVerbs) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except DatabaseFailure as exc:

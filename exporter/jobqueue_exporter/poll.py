@@ -18,13 +18,21 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from . import __version__
 from .config import Config, Target
 from .recovery import Recoverer, RecoveryState
-from .snapshot import LabelPolicy, SuccessWindow, TargetSnapshot, build_snapshot, forget_keys
+from .snapshot import (
+    DEFAULT_KIND,
+    LabelPolicy,
+    QueueStats,
+    SuccessWindow,
+    TargetSnapshot,
+    build_snapshot,
+    forget_keys,
+)
 from .sources import Capabilities, Finished, Reading, Source, SourceFailure, StaleJob, open_source
 
 log = logging.getLogger(__name__)
@@ -190,6 +198,8 @@ class TargetPoller:
         )
         if reading.stale is not None:
             self._stale_jobs = list(reading.stale)
+        if reading.paused is not None:
+            snapshot.paused = self._label_paused(reading.paused, snapshot)
         # (queue, kind) unseen for label_ttl: no longer served, counters included; slots freed
         expired = self.policy.expire()
         recovered = self.state.recovery.recovered if self.state.recovery else None
@@ -200,6 +210,23 @@ class TargetPoller:
                 # present at 0 so the first failure is an increase, not a new series
                 self.state.finished.setdefault((queue, kind, outcome), 0)
         return snapshot
+
+    def _label_paused(
+        self, paused: Mapping[str, bool], snapshot: TargetSnapshot
+    ) -> dict[str, bool]:
+        """Paused flags by exported queue; a queue with no series yet gets its (queue, default) key,
+        so an empty but known queue is exported (at 0) like any other."""
+        queues = {queue for queue, _ in snapshot.series}
+        labelled: dict[str, bool] = {}
+        for queue, flag in paused.items():
+            key = self.policy.label(queue, DEFAULT_KIND)
+            if key is None:
+                continue
+            if key[0] not in queues:
+                snapshot.series[key] = QueueStats()
+                queues.add(key[0])
+            labelled[key[0]] = labelled.get(key[0], False) or flag
+        return labelled
 
     def _label_counts(
         self, finished: Sequence[Finished]

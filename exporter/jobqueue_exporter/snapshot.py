@@ -155,6 +155,8 @@ class TargetSnapshot:
     taken_at: float
     series: dict[SeriesKey, QueueStats]
     terminal_counted: bool = False
+    # exported queue -> paused (None: the system cannot pause queues)
+    paused: dict[str, bool] | None = None
 
 
 def _row_order(row: tuple) -> tuple[str, str]:

@@ -12,7 +12,7 @@ source are data in its package (``sources/postgres/presets/``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -20,14 +20,51 @@ from typing import TYPE_CHECKING, Literal, Protocol
 if TYPE_CHECKING:
     from ..config import Target
 
-SourceKind = Literal["postgres"]
+SourceKind = Literal["postgres", "redis"]
 LiveState = Literal["pending", "scheduled", "running", "retrying"]
 TerminalState = Literal["failed", "dead", "cancelled"]
 Outcome = Literal["succeeded", "failed", "dead", "cancelled", "retried"]
 FailureReason = Literal["connection", "timeout", "query", "schema"]
 
 # DSN scheme -> source
-SCHEMES: dict[str, SourceKind] = {"postgres": "postgres", "postgresql": "postgres"}
+SCHEMES: dict[str, SourceKind] = {
+    "postgres": "postgres",
+    "postgresql": "postgres",
+    "redis": "redis",
+    "rediss": "redis",
+    "unix": "redis",
+}
+SOURCE_NAMES: dict[SourceKind, str] = {"postgres": "PostgreSQL", "redis": "Redis"}
+EXAMPLE_DSN: dict[SourceKind, str] = {
+    "postgres": "postgresql://user:password@host:5432/dbname",
+    "redis": "redis://user:password@host:6379/0",
+}
+
+
+@dataclass(frozen=True)
+class PresetInfo:
+    """What configuration validation needs to know about a preset, whatever its source."""
+
+    name: str
+    source: SourceKind
+    # seconds after which the queue system rescues a stale job itself; None when it never does
+    builtin_rescue_after: float | None
+    self_rescue: str
+
+
+def preset_catalog() -> dict[str, PresetInfo]:
+    """Every preset of every source, by config name (``generic`` is the PostgreSQL table mapping)."""
+    from .postgres.presets import PRESETS as POSTGRES
+    from .redis.presets import PRESETS as REDIS
+
+    catalog = {
+        name: PresetInfo(name, "postgres", p.builtin_rescue_after, p.self_rescue)
+        for name, p in POSTGRES.items()
+    }
+    catalog["generic"] = PresetInfo("generic", "postgres", None, "unknown (generic table)")
+    for name, r in REDIS.items():
+        catalog[name] = PresetInfo(name, "redis", r.builtin_rescue_after, r.self_rescue)
+    return catalog
 
 
 def source_kind(dsn: str) -> SourceKind | None:
@@ -95,6 +132,8 @@ class Reading:
     finished: Sequence[Finished] = ()
     backfill: Sequence[Finished] = ()
     stale: Sequence[StaleJob] | None = None
+    # queue -> paused, for systems that can pause queues (None: the system cannot)
+    paused: Mapping[str, bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -262,10 +301,19 @@ class OperatorActions(JobActions, Protocol):
     ) -> list[dict]: ...
 
 
+class NoOperatorVerbs(Exception):
+    """The target's source offers no operator commands (yet)."""
+
+
 def open_operator_session(
     target: Target,
 ) -> AbstractAsyncContextManager[tuple[OperatorActions, float]]:
     """A checked read-write session for the operator commands: (actions, stale_after)."""
+    if target.source_kind == "redis":
+        raise NoOperatorVerbs(
+            f"target {target.name!r} ({target.preset_name}, Redis): the operator commands are not "
+            "available for Redis targets yet; the exporter reports them read-only"
+        )
     from .postgres.actions import operator_session
 
     return operator_session(target)
@@ -273,6 +321,10 @@ def open_operator_session(
 
 def open_source(target: Target, connect_timeout: float) -> Source:
     """The source the target's DSN selects (config validation has checked there is one)."""
+    if target.source_kind == "redis":
+        from .redis import RedisSource
+
+        return RedisSource(target, connect_timeout)
     from .postgres import PostgresSource
 
     return PostgresSource(target, connect_timeout)

@@ -105,7 +105,10 @@ MISTAKES = [
         "unknown-preset",
         "targets:\n  - name: main\n    dsn: postgresql://x/db\n    preset: celery\n",
         f"{T0}.preset",
-        ["unknown preset 'celery'", "known presets: asynq, generic, procrastinate, publaryn"],
+        [
+            "unknown preset 'celery'",
+            "known presets: asynq, bullmq, generic, procrastinate, publaryn",
+        ],
     ),
     (
         "bad-duration",

@@ -23,6 +23,7 @@ import aiohttp
 import asyncpg
 import pytest
 import pytest_asyncio
+import redis
 import yaml
 from aiohttp import web
 from e2e_rules import fast_rules, parse_duration
@@ -30,6 +31,7 @@ from helpers import (
     create_database,
     drop_database,
     make_config,
+    redis_url_for,
     require_binary,
     wait_for,
     with_database,
@@ -110,6 +112,7 @@ class Stack:
     http: aiohttp.ClientSession
     rules: dict[str, dict]
     logs: Path
+    redis_url: str = ""  # the asynq target's database (admin user)
     procs: list[asyncio.subprocess.Process] = field(default_factory=list)
 
     async def query(self, promql: str) -> list[dict]:
@@ -241,7 +244,9 @@ def _write_configs(tmp: Path, exporter_port: int, am_port: int, hook_port: int) 
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def stack(admin_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+async def stack(
+    admin_dsn: str, redis_admin_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Stack]:
     prometheus_bin = require_binary("prometheus")
     alertmanager_bin = require_binary("prometheus-alertmanager")
     promtool = require_binary("promtool")
@@ -265,9 +270,16 @@ async def stack(admin_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Asy
         await apply_schema(app_dsn)
         await apply_schema(with_database(admin_dsn, gate_db))
 
+        # a Redis target beside them: the same rules must work on asynq unchanged (database 0:
+        # the per-test databases are 1-15)
+        redis_url = redis_url_for(redis_admin_url, 0)
+        flush = redis.Redis.from_url(redis_url)
+        flush.flushdb()
+        flush.close()
         config = make_config(
             {"name": "app", "dsn": app_dsn, "preset": "procrastinate"},
             {"name": "gate", "dsn": with_database(admin_dsn, gate_db), "preset": "procrastinate"},
+            {"name": "tasks", "dsn": redis_url, "preset": "asynq", "queues": ["waiting"]},
             poll_interval="500ms",
             listen="127.0.0.1:0",
         )
@@ -303,6 +315,7 @@ async def stack(admin_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Asy
             http=http,
             rules=source_rules,
             logs=tmp,
+            redis_url=redis_url,
         )
 
         async def stop_all() -> None:
@@ -337,10 +350,10 @@ async def stack(admin_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Asy
         async def scraped() -> bool:
             up = await stack.query(f'up{{job="{JOB}"}}')
             polled = await stack.query(f'jobqueue_up{{job="{JOB}"}} == 1')
-            return [r["value"][1] for r in up] == ["1"] and len(polled) == 2
+            return [r["value"][1] for r in up] == ["1"] and len(polled) == 3
 
         await wait_for(
-            scraped, timeout=60, interval=0.2, message="exporter scraped, both targets up"
+            scraped, timeout=60, interval=0.2, message="exporter scraped, all three targets up"
         )
         yield stack
 
@@ -523,3 +536,21 @@ async def test_unreachable_database_fires_target_down_and_it_resolves(stack: Sta
         await admin.close()
     await stack.expect("JobQueueTargetDown", "resolved", after=fired + 1, **labels)
     await stack.expect("JobQueueMetricsStale", "resolved", after=stale + 1, **labels)
+
+
+async def test_an_asynq_task_waiting_too_long_fires_and_resolves_when_a_worker_runs(
+    stack: Stack,
+) -> None:
+    """The shipped rules on a Redis target: a real asynq task that nobody runs, then a real worker."""
+    from asynq_app import enqueue, start_worker
+
+    labels = {"target": "tasks", "queue": "waiting"}
+    enqueue(stack.redis_url, 0, "waiting", "ok", 2)
+    fired, alert = await stack.expect("JobQueueOldestPendingTooOld", **labels)
+    assert alert["labels"]["severity"] == "warning"
+    worker = start_worker(stack.redis_url, 0, ["waiting"])
+    try:
+        await stack.expect("JobQueueOldestPendingTooOld", "resolved", after=fired + 1, **labels)
+    finally:
+        worker.terminate()
+        worker.wait(30)

@@ -354,7 +354,7 @@ def test_defaults_alone_fail_with_what_to_set() -> None:
         ),
         (
             {"config": {"targets": [{"name": "app", "preset": "procrastinat"}]}},
-            "at '/config/targets/0/preset': value must be one of 'asynq', 'generic', 'procrastinate', 'publaryn'",
+            "at '/config/targets/0/preset': value must be one of 'asynq', 'bullmq', 'generic', 'procrastinate', 'publaryn'",
         ),
         (
             {"config": {"targets": [{"name": "app", "stale_after": "30 seconds"}]}},
@@ -820,6 +820,18 @@ def test_created_secret_holds_the_dsns() -> None:
     assert env["JOBQUEUE_TARGET_0_RECOVERY_DSN"] == values["recoveryDsns"]["starforge"]
 
 
+def test_redis_dsns_go_through_the_same_secret() -> None:
+    values = scenario("redis")
+    objects = render(values)
+    secret = one(objects, "Secret")
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert data == values["dsns"]
+    assert "redis://" not in json.dumps(config_map(objects)), "no DSN in any ConfigMap"
+    env = container_env(objects)
+    assert env["JOBQUEUE_TARGET_0_DSN"] == values["dsns"]["tasks"]
+    assert env["JOBQUEUE_TARGET_1_DSN"] == values["dsns"]["bull"]
+
+
 def test_existing_secret_keys() -> None:
     objects = values_file_objects("existing-secret")
     assert objects_of(objects, "Secret") == []
@@ -854,7 +866,7 @@ def test_rendered_config_passes_the_exporters_validation(
     assert [t.name for t in config.targets] == [
         t["name"] for t in scenario(name)["config"]["targets"]
     ]
-    assert all(t.dsn and t.dsn.startswith("postgresql://") for t in config.targets)
+    assert all(t.dsn and t.dsn.startswith(("postgresql://", "redis")) for t in config.targets)
 
 
 def test_config_checksum_rolls_the_pods_on_config_changes_only() -> None:

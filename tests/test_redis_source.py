@@ -125,3 +125,20 @@ async def test_operator_commands_say_they_are_not_available_for_redis(tmp_path) 
     code, _, err = await cli("jobs", "--config", str(config), "--target", "tasks")
     assert code == 2 and "Traceback" not in err
     assert "the operator commands are not available for Redis targets yet" in err
+
+
+async def test_one_connection_per_target(
+    redis_db: tuple[str, int], redis_reader_url: Callable[[str], str]
+) -> None:
+    """Pipelines and single commands share the target's one connection."""
+    url, _ = redis_db
+    p = poller(redis_reader_url("asynq"), queues=["default"])
+    for _ in range(3):
+        await p.poll_once()
+    admin = redis.Redis.from_url(url)
+    try:
+        mine = [c for c in admin.client_list() if c.get("name") == "jobqueue-exporter/q"]
+    finally:
+        admin.close()
+    assert len(mine) == 1, mine
+    await p.close()

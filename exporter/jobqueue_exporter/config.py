@@ -354,6 +354,8 @@ class Target(_Strict):
     lock_timeout: Duration = 1.0
     # Redis targets: client-side timeout of every command (Redis has no server-side statement timeout)
     socket_timeout: Duration = 5.0
+    # BullMQ targets: the queues' key prefix (BullMQ's `prefix` option)
+    key_prefix: str | None = None
     queues: list[str] | None = None
     max_kinds_per_queue: int = Field(DEFAULT_MAX_KINDS_PER_QUEUE, ge=1, le=10000)
     max_queues: int = DEFAULT_MAX_QUEUES
@@ -550,14 +552,25 @@ class Target(_Strict):
         """The DSN's scheme selects the source; the preset must be one of that source's."""
         from .sources import EXAMPLE_DSN, SOURCE_NAMES, preset_catalog, source_kind
 
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        if self.preset_name == "bullmq" and not self.queues:
+            problems.append(
+                (
+                    ("queues",),
+                    "BullMQ keeps no registry of queue names: list the queues to read, e.g. "
+                    "queues: [emails, reports]",
+                )
+            )
+        if self.key_prefix is not None and self.preset_name != "bullmq":
+            problems.append((("key_prefix",), "only BullMQ targets have a key prefix: remove it"))
         if self.dsn is None or (self.preset is None and self.table is None):
-            return []  # a dsn_file is checked once read (load_config)
+            return problems  # a dsn_file is checked once read (load_config)
         kind = source_kind(self.dsn)
         info = preset_catalog().get(self.preset_name)
         if kind is None or info is None or info.source == kind:
-            return []
+            return problems
         same = sorted(n for n, i in preset_catalog().items() if i.source == kind)
-        return [
+        return problems + [
             (
                 ("preset",),
                 f"preset {self.preset_name!r} reads {SOURCE_NAMES[info.source]}, but dsn is a "

@@ -125,6 +125,12 @@ JOBS_FINISHED = Family(
     MetricType.COUNTER,
     "Jobs that finished since the exporter started, by outcome, counted once each.",
 )
+EVENTS_LOST = Family(
+    "jobqueue_finished_events_lost",
+    MetricType.COUNTER,
+    "Finished-job events the store dropped before the exporter read them (a trimmed event "
+    "stream); the jobs they stood for are missing from jobqueue_jobs_finished_total.",
+)
 RECOVERY_RUNS = Family(
     "jobqueue_recovery_runs",
     MetricType.COUNTER,
@@ -152,6 +158,7 @@ FAMILIES: tuple[Family, ...] = (
     QUEUE_PAUSED,
     SUCCESS_RATIO,
     JOBS_FINISHED,
+    EVENTS_LOST,
     RECOVERY_RUNS,
     RECOVERED_JOBS,
 )
@@ -298,6 +305,8 @@ class TargetRenderer:
                 if state.window is not None:
                     for key, ratio in sorted(state.window.ratios(now).items()):
                         add(SUCCESS_RATIO, self._key(key, keys), ratio)
+                for queue, lost in sorted(state.lost_events.items()):
+                    add(EVENTS_LOST, f'{self.target},queue="{escape_label_value(queue)}"', lost)
         self._keys = keys  # keys no longer exported are forgotten
         raw = tuple("".join(family_lines).encode() for family_lines in lines)
         return TargetExposition(

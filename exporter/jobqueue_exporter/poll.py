@@ -56,6 +56,8 @@ class TargetState:
     errors: Counter[str] = field(default_factory=Counter)
     finished: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     finished_counting: bool = False
+    # finished-job events the store dropped unread, by exported queue (systems with an event stream)
+    lost_events: Counter[str] = field(default_factory=Counter)
     window: SuccessWindow | None = None
     recovery: RecoveryState | None = None
 
@@ -200,6 +202,10 @@ class TargetPoller:
             self._stale_jobs = list(reading.stale)
         if reading.paused is not None:
             snapshot.paused = self._label_paused(reading.paused, snapshot)
+        for queue, lost in (reading.lost_events or {}).items():
+            key = self.policy.label(queue, DEFAULT_KIND)
+            if key is not None:
+                self.state.lost_events[key[0]] += lost
         # (queue, kind) unseen for label_ttl: no longer served, counters included; slots freed
         expired = self.policy.expire()
         recovered = self.state.recovery.recovered if self.state.recovery else None

@@ -134,6 +134,8 @@ class Reading:
     stale: Sequence[StaleJob] | None = None
     # queue -> paused, for systems that can pause queues (None: the system cannot)
     paused: Mapping[str, bool] | None = None
+    # queue -> finished-job events the store dropped before they could be read (a trimmed stream)
+    lost_events: Mapping[str, int] | None = None
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The Redis source: one redis-py (asyncio) connection per target, reads only.
 
-* one connection per target (``single_connection_client``), opened lazily, closed after any error;
+* one connection per target (a pool of one: redis-py's pipelines take a pool connection, so a
+  ``single_connection_client`` would still open a second one), opened lazily, closed after any error;
 * every command has the target's ``socket_timeout`` (Redis has no server-side statement timeout);
 * a poll is a few pipelined round trips of plain read commands (the preset's); no Lua, no KEYS, no
   library helper. The suite runs them as a user whose ACL allows only those commands (README: Redis);
@@ -78,6 +79,7 @@ class RedisSource:
         )
         self.connecting = False
         self._client: aioredis.Redis | None = None
+        self._aborting: asyncio.Future[None] | None = None
         self._memory = Memory()
 
     @property
@@ -87,14 +89,16 @@ class RedisSource:
     async def _connect(self) -> aioredis.Redis:
         url = self.target.resolve_dsn()
         self.endpoint = describe_endpoint(url)
-        client = aioredis.Redis.from_url(
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=1,
+            timeout=self.target.socket_timeout,
             socket_timeout=self.target.socket_timeout,
             socket_connect_timeout=self.connect_timeout,
-            single_connection_client=True,
             retry_on_timeout=False,
             client_name=f"jobqueue-exporter/{self.target.name}"[:63].replace(" ", "_"),
         )
+        client = aioredis.Redis(connection_pool=pool)
         self._client = client
         await client.ping()
         return client
@@ -106,9 +110,7 @@ class RedisSource:
             self.connecting = False
         else:
             client = self._client
-        reading = await self.preset.read(
-            client, self.target.queues, stale_after, want_stale, self._memory
-        )
+        reading = await self.preset.read(client, self.target, stale_after, want_stale, self._memory)
         if self.target.finished_counting == "off":
             reading = Reading(
                 live=reading.live,
@@ -120,8 +122,11 @@ class RedisSource:
 
     def abort(self) -> None:
         client, self._client = self._client, None
-        if client is not None and client.connection is not None:
-            client.connection.disconnect(nowait=True)  # type: ignore[unused-coroutine]
+        if client is not None:
+            # drop the socket without waiting on a server that stopped answering
+            self._aborting = asyncio.ensure_future(
+                client.connection_pool.disconnect(inuse_connections=True)
+            )
 
     async def close(self) -> None:
         client, self._client = self._client, None

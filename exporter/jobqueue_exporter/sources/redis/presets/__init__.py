@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
+    from ....config import Target
     from ... import Outcome, Reading
 
 # the one kind label of systems whose job kind is only inside each job's payload: reading it would
@@ -24,7 +25,7 @@ KIND = "default"
 class Memory:
     """What a preset keeps between polls of one target (never across a restart)."""
 
-    values: dict[str, Any] = field(default_factory=dict)
+    values: dict[Any, Any] = field(default_factory=dict)
 
 
 class RedisPreset(Protocol):
@@ -41,24 +42,29 @@ class RedisPreset(Protocol):
     async def read(
         self,
         client: Redis,
-        declared_queues: list[str] | None,
+        target: Target,
         stale_after: float,
         want_stale: bool,
         memory: Memory,
     ) -> Reading: ...
 
+    def acl_keys_for(self, target: Target) -> tuple[str, ...]:
+        """Key patterns the target's reads touch (a key prefix may be configured)."""
+        ...
+
 
 def _registry() -> dict[str, RedisPreset]:
-    from . import asynq
+    from . import asynq, bullmq
 
-    return {p.name: p for p in (asynq.PRESET,)}
+    return {p.name: p for p in (asynq.PRESET, bullmq.PRESET)}
 
 
 PRESETS: dict[str, RedisPreset] = _registry()
 
 
-def acl_rule(preset: RedisPreset, password: str = "<password>") -> str:
-    """``ACL SETUSER`` arguments of a read-only exporter user for ``preset``."""
+def acl_rule(preset: RedisPreset, password: str = "<password>", keys: tuple[str, ...] = ()) -> str:
+    """``ACL SETUSER`` arguments of a read-only exporter user for ``preset`` (``keys``: the patterns,
+    by default the preset's)."""
     commands = " ".join(f"+{command}" for command in preset.acl_commands)
-    keys = " ".join(f"~{pattern}" for pattern in preset.acl_keys)
-    return f"on >{password} resetkeys {keys} resetchannels -@all {commands}"
+    patterns = " ".join(f"~{pattern}" for pattern in (keys or preset.acl_keys))
+    return f"on >{password} resetkeys {patterns} resetchannels -@all {commands}"

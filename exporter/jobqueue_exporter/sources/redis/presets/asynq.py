@@ -38,6 +38,8 @@ from . import KIND, Memory
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
+    from ....config import Target
+
 # active task ids read per queue (asynq runs at most as many as its servers' concurrency)
 ACTIVE_BUDGET = 10_000
 LEASE_MARGIN = 30.0
@@ -72,10 +74,13 @@ class AsynqPreset:
         "archived, every minute (not tasks without a lease)"
     )
 
+    def acl_keys_for(self, target: Target) -> tuple[str, ...]:
+        return self.acl_keys
+
     async def read(
         self,
         client: Redis,
-        declared_queues: list[str] | None,
+        target: Target,
         stale_after: float,
         want_stale: bool,
         memory: Memory,
@@ -85,7 +90,7 @@ class AsynqPreset:
         first.smembers("asynq:queues")
         (seconds, micros), known = await first.execute()
         now = seconds + micros / 1e6
-        queues = sorted({_text(q) for q in known} | set(declared_queues or ()))
+        queues = sorted({_text(q) for q in known} | set(target.queues or ()))
 
         second = client.pipeline(transaction=False)
         settled = (

@@ -121,6 +121,21 @@ async def test_depth_finished_counts_stale_and_paused_match_redis(
         assert value(samples, "jobqueue_stale_jobs", queue="critical", kind="default") == 0
         assert value(samples, "jobqueue_queue_paused", queue="critical") == 0
 
+        # the oldest running age from the live server's worker records (rewritten every 5 s)
+        async def running_age() -> float:
+            await p.poll_once()
+            return value(
+                scrape(p), "jobqueue_oldest_running_age_seconds", queue="critical", kind="default"
+            )
+
+        age = await wait_for(running_age, timeout=30, message="worker records read")
+        started = float(admin.zscore(k("critical", "lease"), block)) - 30  # lease = start + 30 s
+        assert abs(age - (time.time() - started)) < 10, "the block task's start, roughly"
+        assert (
+            value(scrape(p), "jobqueue_oldest_running_age_seconds", queue="default", kind="default")
+            == 0
+        ), "nothing runs there"
+
         worker.kill()  # SIGKILL mid-task: the block task stays active, its lease runs out later
         worker.wait(10)
     finally:

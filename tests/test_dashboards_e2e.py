@@ -23,7 +23,8 @@ from types import ModuleType
 
 import pytest
 from helpers import require_binary
-from jobqueue_exporter.demo import DYING_QUEUE, TARGET
+from jobqueue_exporter import demo_redis
+from jobqueue_exporter.demo import DYING_QUEUE, REDIS_TARGET, TARGET
 from test_dashboards import DASHBOARDS, exprs, load, variable_selector, variables
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,7 +100,13 @@ def _label_values_query(query: str) -> tuple[str, str]:
 def test_template_variables_list_the_demo(stack, name: str, target: str | None) -> None:
     found = variables(load(name))
     chosen = {"target": target or found["target"]["allValue"], "queue": "emails"}
-    expected = {"target": [TARGET], "queue": QUEUES, "kind": ["send_email"]}
+    # the demo's two targets: Procrastinate on PostgreSQL and BullMQ on Redis (both have "emails")
+    every = target is None
+    expected = {
+        "target": sorted([TARGET, REDIS_TARGET]),
+        "queue": sorted(set(QUEUES) | set(demo_redis.QUEUES)) if every else QUEUES,
+        "kind": ["default", "send_email"] if every else ["send_email"],
+    }
     resolved = {}
     for variable in found.values():
         if variable["type"] != "query":
@@ -193,6 +200,17 @@ CASES = {
         )
         for queue in WORKING_QUEUES
     },
+    # the same dashboard, unchanged, on the Redis target (BullMQ: retries, delays, failures)
+    "queue emails on Redis": Case(
+        "jobqueue-queue",
+        {"target": REDIS_TARGET, "queue": "emails", "kind": ALL},
+        {
+            **HEALTH,
+            "Throughput by kind": _positive,
+            "Success ratio by kind": _ratio,
+            "Success ratio by kind (exporter window)": _ratio,
+        },
+    ),
     f"queue {DYING_QUEUE}": Case(
         "jobqueue-queue",
         {"target": TARGET, "queue": DYING_QUEUE, "kind": ALL},
@@ -235,7 +253,9 @@ def test_every_panel_query_returns_data(stack, case: Case) -> None:
             missing = [label for label in legend if label not in series["metric"]]
             if missing:
                 problems.append(f"{where}: legend labels {missing} absent in {series['metric']}")
-            if "target" in series["metric"] and series["metric"]["target"] != TARGET:
+            chosen = case.values["target"]
+            allowed = {TARGET, REDIS_TARGET} if chosen is ALL else {chosen}
+            if "target" in series["metric"] and series["metric"]["target"] not in allowed:
                 problems.append(f"{where}: foreign target {series['metric']}")
         checked.setdefault(title, []).extend(finite)
     assert not problems, "\n".join(problems)

@@ -76,7 +76,18 @@ def demo(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path, P
 @pytest.mark.slow
 def test_demo_serves_live_metrics_and_stops_cleanly_on_ctrl_c(demo) -> None:
     proc, url, out, err = demo
-    seen = {"up": False, "succeeded": False, "failed": False, "moving": False, "stale": False}
+    seen = {
+        "up": False,
+        "succeeded": False,
+        "failed": False,
+        "moving": False,
+        "stale": False,
+        # the Redis target beside it: BullMQ jobs finishing, retried and dead ones
+        "redis up": False,
+        "redis succeeded": False,
+        "redis retried": False,
+        "redis dead": False,
+    }
     first_total: float | None = None
     deadline = time.monotonic() + 80
     while not all(seen.values()):
@@ -97,6 +108,11 @@ def test_demo_serves_live_metrics_and_stops_cleanly_on_ctrl_c(demo) -> None:
             seen["moving"] |= first_total is not None and total > first_total
             stale = values(samples, "jobqueue_stale_jobs", target="demo", queue="imports")
             seen["stale"] |= any(v >= 1 for v in stale)
+            seen["redis up"] |= values(samples, "jobqueue_up", target="demo-bullmq") == [1.0]
+            for outcome in ("succeeded", "retried", "dead"):
+                seen[f"redis {outcome}"] |= any(
+                    values(samples, finished, target="demo-bullmq", outcome=outcome)
+                )
         time.sleep(1)
 
     proc.send_signal(signal.SIGINT)

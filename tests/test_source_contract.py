@@ -12,11 +12,13 @@ from typing import get_args
 
 import asyncpg
 import pytest
-from helpers import make_config
+import redis
+from helpers import make_config, wait_for
 from jobqueue_exporter.sources import (
     Finished,
     LiveRow,
     LiveState,
+    NoOperatorVerbs,
     Outcome,
     Reading,
     TerminalRow,
@@ -172,3 +174,93 @@ async def test_every_preset_keeps_the_source_contract(
             assert sorted(r["id"] for r in changed) == sorted(retryable), (
                 "a dry run shows exactly these"
             )
+
+
+# -- Redis presets: the same reading contract, on their real libraries; no operator verbs yet ------
+
+
+async def asynq_jobs(url: str, db: int, tmp_path) -> dict:
+    from asynq_app import enqueue, start_worker
+
+    enqueue(url, db, "default", "ok", 2)
+    enqueue(url, db, "default", "fail", 1, retry=0)
+    enqueue(url, db, "default", "ok", 1, in_="1h")
+    gate = tmp_path / "gate"
+    enqueue(url, db, "default", "block", 1, payload=str(gate))
+    worker = start_worker(url, db, ["default"])
+    admin = redis.Redis.from_url(url)
+    try:
+        await wait_for(
+            lambda: (
+                admin.zcard("asynq:{default}:archived") == 1
+                and admin.llen("asynq:{default}:active") == 1
+            ),
+            timeout=60,
+        )
+    finally:
+        worker.kill()
+        worker.wait(10)
+        admin.close()
+    enqueue(url, db, "default", "ok", 1)
+    return {"preset": "asynq"}
+
+
+async def bullmq_jobs(url: str, db: int, tmp_path) -> dict:
+    from bullmq_driver import add, start_worker
+
+    add(url, "mail", "ok", 2)
+    add(url, "mail", "fail", 1, attempts=1)
+    add(url, "mail", "ok", 1, delay=3_600_000)
+    add(url, "mail", "block", 1, data={"gate": str(tmp_path / "gate")})
+    worker = start_worker(url, "mail", lock_ms=2000)
+    admin = redis.Redis.from_url(url)
+    try:
+        await wait_for(
+            lambda: admin.zcard("bull:mail:failed") == 1 and admin.llen("bull:mail:active") == 1,
+            timeout=60,
+        )
+    finally:
+        worker.kill()
+        worker.wait(10)
+        admin.close()
+    add(url, "mail", "ok", 1)
+    return {"preset": "bullmq", "queues": ["mail"]}
+
+
+REDIS_PRESETS = {"asynq": asynq_jobs, "bullmq": bullmq_jobs}
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("name", list(REDIS_PRESETS))
+async def test_every_redis_preset_keeps_the_source_contract(
+    name: str, redis_db: tuple[str, int], redis_reader_url, tmp_path
+) -> None:
+    url, db = redis_db
+    target = {
+        "name": name,
+        "dsn": redis_reader_url(name),
+        "count_terminal_states": True,
+        **await REDIS_PRESETS[name](url, db, tmp_path),
+    }
+    config = make_config(target)
+    source = open_source(config.targets[0], connect_timeout=10)
+    try:
+        first = await source.read(stale_after=0.0, want_stale=True)
+        capabilities = source.capabilities
+        assert set(capabilities.outcomes) <= set(get_args(Outcome))
+        assert capabilities.preset == name
+        check_reading(first, capabilities.outcomes)
+        assert {row.state for row in first.live} >= {"pending", "scheduled", "running"}
+        assert first.terminal, "terminal states when asked"
+        assert first.finished == [], "the first reading is the baseline"
+        assert first.stale is not None
+        assert sum(r.stale_jobs for r in first.live) == len(first.stale)
+        assert first.paused is not None and set(first.paused) >= set(config.targets[0].queues or [])
+        second = await source.read(stale_after=0.0, want_stale=False)
+        check_reading(second, capabilities.outcomes)
+        assert second.stale is None
+        assert source.connected
+    finally:
+        await source.close()
+    with pytest.raises(NoOperatorVerbs, match="not available for Redis targets yet"):
+        open_operator_session(config.targets[0])

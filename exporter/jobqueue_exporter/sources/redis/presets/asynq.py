@@ -22,7 +22,8 @@ Finished counting from asynq's own running totals, which count attempts: a succe
 ``processed``; a failed attempt adds 1 to ``processed`` and to ``failed``, whether it is retried or
 archived. So per poll: succeeded = Δprocessed − Δfailed; dead = tasks archived in the seconds since the
 last poll (``ZCOUNT archived``; scores are whole seconds, so the last second is left for the next poll);
-retried = Δfailed − dead. A counter that went down was reset (asynq wraps at MaxInt64): its new value is
+retried = Δfailed − dead. Oldest running age from the live servers' worker records (``asynq:workers``,
+one ``HVALS`` per server: the start time of each task it runs). A counter that went down was reset (asynq wraps at MaxInt64): its new value is
 the increase. The first poll is the baseline.
 """
 
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
 
 # active task ids read per queue (asynq runs at most as many as its servers' concurrency)
 ACTIVE_BUDGET = 10_000
+# live asynq servers whose worker records are read (one HVALS each)
+SERVER_BUDGET = 1_000
 LEASE_MARGIN = 30.0
 
 
@@ -57,11 +60,64 @@ def _int(value: Any) -> int:
     return int(value) if value is not None else 0
 
 
+def _protobuf(data: bytes) -> dict[int, list[int | bytes]]:
+    """The top-level fields of a protobuf message: varints as ints, length-delimited as bytes (the
+    few fields of asynq's WorkerInfo this reads need no generated code)."""
+    fields: dict[int, list[int | bytes]] = {}
+    i = 0
+
+    def varint() -> int:
+        nonlocal i
+        shift = result = 0
+        while True:
+            byte = data[i]
+            i += 1
+            result |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return result
+            shift += 7
+
+    while i < len(data):
+        tag = varint()
+        number, wire = tag >> 3, tag & 7
+        value: int | bytes
+        if wire == 0:
+            value = varint()
+        elif wire == 2:
+            size = varint()
+            value, i = data[i : i + size], i + size
+        elif wire == 1:
+            value, i = int.from_bytes(data[i : i + 8], "little"), i + 8
+        elif wire == 5:
+            value, i = int.from_bytes(data[i : i + 4], "little"), i + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        fields.setdefault(number, []).append(value)
+    return fields
+
+
+def _oldest_starts(records: list[list[bytes]]) -> dict[str, float]:
+    """Queue -> the earliest start (Unix time) of a task a live server is running, from the servers'
+    WorkerInfo records (queue = field 7, start_time = field 8, a Timestamp of seconds and nanos)."""
+    oldest: dict[str, float] = {}
+    for values in records:
+        for raw in values or ():
+            try:
+                info = _protobuf(raw)
+                queue = bytes(info[7][0]).decode()
+                stamp = _protobuf(bytes(info[8][0]))
+                start = int(stamp.get(1, [0])[0]) + int(stamp.get(2, [0])[0]) / 1e9
+            except (KeyError, IndexError, ValueError, UnicodeDecodeError):
+                continue  # a record of another version: no age rather than a wrong one
+            oldest[queue] = min(start, oldest.get(queue, start))
+    return oldest
+
+
 class AsynqPreset:
     # the read-only ACL the exporter needs (README: Redis; the tests run as exactly this user)
     acl_commands: tuple[str, ...] = (
         "ping", "time", "select", "client|setname", "smembers", "llen", "lindex", "lrange",
-        "zcard", "zcount", "zrangebyscore", "zmscore", "exists", "mget", "hget",
+        "zcard", "zcount", "zrangebyscore", "zmscore", "exists", "mget", "hget", "hvals",
     )  # fmt: skip
     acl_keys: tuple[str, ...] = ("asynq:*",)
     name = "asynq"
@@ -88,7 +144,9 @@ class AsynqPreset:
         first = client.pipeline(transaction=False)
         first.time()
         first.smembers("asynq:queues")
-        (seconds, micros), known = await first.execute()
+        # the live servers' worker records (a server rewrites its own every 5 s, with a 10 s expiry)
+        first.zrangebyscore("asynq:workers", int(time.time()), "+inf", start=0, num=SERVER_BUDGET)
+        (seconds, micros), known, worker_keys = await first.execute()
         now = seconds + micros / 1e6
         queues = sorted({_text(q) for q in known} | set(target.queues or ()))
 
@@ -118,6 +176,8 @@ class AsynqPreset:
         rows = {q: results[i * per_queue : (i + 1) * per_queue] for i, q in enumerate(queues)}
 
         third = client.pipeline(transaction=False)
+        for worker_key in worker_keys:
+            third.hvals(worker_key)
         for q in queues:
             head, active_ids = rows[q][12], rows[q][14]
             if head is not None:
@@ -125,6 +185,7 @@ class AsynqPreset:
             if active_ids:
                 third.zmscore(_key(q, "lease"), active_ids)
         extra = iter(await third.execute()) if len(third) else iter(())
+        started = _oldest_starts([next(extra) for _ in worker_keys])
 
         live: list[LiveRow] = []
         terminal: list[TerminalRow] = []
@@ -178,7 +239,8 @@ class AsynqPreset:
                     age = oldest if state == "pending" else None
                     live.append(LiveRow(q, KIND, state, jobs, age, 0))  # type: ignore[arg-type]
             if active > 0:
-                live.append(LiveRow(q, KIND, "running", active, None, stale))
+                running_age = now - started[q] if q in started else None
+                live.append(LiveRow(q, KIND, "running", active, running_age, stale))
             if archived > 0:
                 terminal.append(TerminalRow(q, KIND, "dead", archived))
             paused[q] = bool(is_paused)

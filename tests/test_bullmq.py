@@ -193,3 +193,23 @@ async def test_a_key_prefix_with_a_cluster_hash_tag(
     assert series(samples, "jobqueue_jobs", queue="mail")
     await asyncio.sleep(0)
     await p.close()
+
+
+async def test_queues_can_be_discovered_with_a_bounded_scan(
+    bull_redis: tuple[str, redis.Redis], redis_reader_url: Callable[[str], str]
+) -> None:
+    url, admin = bull_redis
+    for queue, n in (("mail", 2), ("reports", 1), ("imports", 3)):
+        add(url, queue, "ok", n)
+    admin.set("bull:not-a-queue", "x")  # other keys under the prefix are left alone
+    p = exporter(redis_reader_url("bullmq"), discover_queues=True)
+    await p.poll_once()
+    samples = scrape(p)
+    for queue, n in (("mail", 2), ("reports", 1), ("imports", 3)):
+        assert jobs(samples, queue, "pending") == n
+    assert {dict(labels)["queue"] for labels in series(samples, "jobqueue_jobs")} == {
+        "mail",
+        "reports",
+        "imports",
+    }
+    await p.close()

@@ -356,6 +356,9 @@ class Target(_Strict):
     socket_timeout: Duration = 5.0
     # BullMQ targets: the queues' key prefix (BullMQ's `prefix` option)
     key_prefix: str | None = None
+    # BullMQ targets: find queues with a bounded, resumable SCAN for <prefix>:*:meta (BullMQ keeps no
+    # registry of queue names)
+    discover_queues: bool = False
     queues: list[str] | None = None
     max_kinds_per_queue: int = Field(DEFAULT_MAX_KINDS_PER_QUEUE, ge=1, le=10000)
     max_queues: int = DEFAULT_MAX_QUEUES
@@ -553,13 +556,17 @@ class Target(_Strict):
         from .sources import EXAMPLE_DSN, SOURCE_NAMES, preset_catalog, source_kind
 
         problems: list[tuple[tuple[str | int, ...], str]] = []
-        if self.preset_name == "bullmq" and not self.queues:
+        if self.preset_name == "bullmq" and not self.queues and not self.discover_queues:
             problems.append(
                 (
                     ("queues",),
                     "BullMQ keeps no registry of queue names: list the queues to read, e.g. "
-                    "queues: [emails, reports]",
+                    "queues: [emails, reports], or set discover_queues: true (a bounded SCAN)",
                 )
+            )
+        if self.discover_queues and self.preset_name != "bullmq":
+            problems.append(
+                (("discover_queues",), "only BullMQ targets discover queues: remove it")
             )
         if self.key_prefix is not None and self.preset_name != "bullmq":
             problems.append((("key_prefix",), "only BullMQ targets have a key prefix: remove it"))

@@ -51,6 +51,10 @@ DEFAULT_PREFIX = "bull"
 ACTIVE_BUDGET = 10_000
 # delayed jobs whose attempt count is read to tell retries from scheduled jobs
 DELAYED_SPLIT_BUDGET = 1_000
+# queue discovery (opt-in): SCAN calls per discovery, and how often one runs
+SCAN_COUNT = 1_000
+SCAN_CALLS = 50
+DISCOVERY_INTERVAL = 60.0
 EVENTS_PAGE = 1_000
 EVENTS_PAGES = 20  # at most this many pages per poll; the rest is read at the next poll
 DELAY_SCALE = 4096  # delayed scores are due-time ms x 4096 + a sequence number
@@ -84,11 +88,35 @@ class BullMQPreset:
     acl_commands: tuple[str, ...] = (
         "ping", "time", "select", "client|setname", "llen", "lindex", "lrange", "zcard", "zcount",
         "zrangebyscore", "hexists", "hget", "exists", "xrange", "xinfo|stream",
+        "scan",  # only with discover_queues: true
     )  # fmt: skip
     acl_keys: tuple[str, ...] = (f"{DEFAULT_PREFIX}:*",)
 
     def acl_keys_for(self, target: Target) -> tuple[str, ...]:
         return (f"{target.key_prefix or DEFAULT_PREFIX}:*",)
+
+    async def _discover(self, client: Redis, prefix: str, memory: Memory) -> set[str]:
+        """Queue names from ``<prefix>:<queue>:meta`` keys: at most SCAN_CALLS calls of SCAN_COUNT
+        keys per DISCOVERY_INTERVAL, resuming at the stored cursor, so a large keyspace is covered
+        over several discoveries instead of one long one. Found queues are kept (their series
+        expire by label_ttl when they empty out and disappear)."""
+        found: set[str] = memory.values.setdefault("discovered", set())
+        now = time.monotonic()
+        if now < memory.values.get("next_discovery", 0.0):
+            return found
+        memory.values["next_discovery"] = now + DISCOVERY_INTERVAL
+        cursor = memory.values.get("scan_cursor", 0)
+        pattern = f"{prefix}:*:meta"
+        for _ in range(SCAN_CALLS):
+            cursor, keys = await client.scan(cursor=cursor, match=pattern, count=SCAN_COUNT)
+            for raw in keys:
+                name = _text(raw)[len(prefix) + 1 : -len(":meta")]
+                if name and ":" not in name:
+                    found.add(name)
+            if cursor == 0:
+                break
+        memory.values["scan_cursor"] = cursor
+        return found
 
     async def read(
         self,
@@ -100,6 +128,8 @@ class BullMQPreset:
     ) -> Reading:
         prefix = target.key_prefix or DEFAULT_PREFIX
         queues = list(target.queues or ())
+        if target.discover_queues:
+            queues = sorted(set(queues) | await self._discover(client, prefix, memory))
 
         def key(queue: str, suffix: str) -> str:
             return f"{prefix}:{queue}:{suffix}"

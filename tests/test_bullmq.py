@@ -213,3 +213,32 @@ async def test_queues_can_be_discovered_with_a_bounded_scan(
         "imports",
     }
     await p.close()
+
+
+async def test_the_retry_split_is_bounded_by_its_budget(
+    bull_redis: tuple[str, redis.Redis],
+    redis_reader_url: Callable[[str], str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from jobqueue_exporter.sources.redis.presets import bullmq as preset
+
+    url, admin = bull_redis
+    add(url, "mail", "ok", 2, delay=3_600_000)
+    add(url, "mail", "fail", 2, attempts=2, backoff=3_600_000)
+    worker = start_worker(url, "mail")
+    try:
+        await wait_for(lambda: admin.zcard(k("mail", "delayed")) == 4, timeout=60)
+    finally:
+        worker.kill()
+        worker.wait(10)
+    reader = redis_reader_url("bullmq")
+    for budget, scheduled, retrying in ((4, 2, 2), (3, 4, 0)):
+        monkeypatch.setattr(preset, "DELAYED_SPLIT_BUDGET", budget)
+        p = exporter(reader, queues=["mail"])
+        await p.poll_once()
+        samples = scrape(p)
+        assert (jobs(samples, "mail", "scheduled"), jobs(samples, "mail", "retrying")) == (
+            scheduled,
+            retrying,
+        ), f"budget {budget}"
+        await p.close()

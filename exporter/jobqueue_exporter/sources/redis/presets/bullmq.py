@@ -1,20 +1,22 @@
 """BullMQ (Node; the v5 and v6 layouts): every queue's keys are ``<key_prefix>:<queue>:<suffix>``.
 
-BullMQ keeps no registry of queue names, so the queues are the target's ``queues:``. A poll is two
-pipelined round trips of plain read commands (plus more pages of the events stream when a poll has to
-catch up), whatever the number of waiting or retained jobs:
+BullMQ keeps no registry of queue names, so the queues are the target's ``queues:`` (or, opt-in, found by
+a bounded SCAN). A poll is three pipelined round trips of plain read commands (plus more pages of the
+events stream when a poll has to catch up), whatever the number of waiting or retained jobs:
 
 1. ``TIME``; per queue: ``LLEN wait``/``paused``/``active``; ``ZCARD prioritized``/``delayed``/``failed``;
-   the due part of ``delayed`` (``ZCOUNT``) and its oldest member; ``LINDEX wait -1`` (the next job);
-   ``HEXISTS meta paused``; ``LRANGE active`` up to a budget; the non-due part of ``delayed`` up to a budget
-   (to tell retries from scheduled jobs); ``XINFO STREAM events``; ``XRANGE events`` after the cursor.
-2. Per queue: ``HGET <next> timestamp``; per active job ``EXISTS <id>:lock`` and ``HGET <id> processedOn``;
-   per delayed job within the budget ``HGET <id> atm``.
+   ``LINDEX wait -1`` (the next job); ``HEXISTS meta paused``; ``LRANGE active`` up to a budget;
+   ``EXISTS events``.
+2. Per queue: the due part of ``delayed`` (``ZCOUNT``) and its oldest member; the ids of the delayed jobs
+   while they fit in the split budget; ``HGET <next> timestamp``; per active job ``EXISTS <id>:lock`` and
+   ``HGET <id> processedOn``; ``XINFO STREAM events`` and ``XRANGE events`` after the cursor.
+3. Per delayed job within the budget: ``HGET <id> atm`` (retry or scheduled).
 
 States: pending = ``wait`` + ``paused`` (BullMQ 5 moves waiting jobs there while paused; 6 keeps them in
 ``wait``) + ``prioritized`` + the due part of ``delayed`` (due jobs are promoted only in a worker's claim
 path); retrying = delayed jobs that already made an attempt (``atm`` > 0), scheduled = the others (while
-more than ``DELAYED_SPLIT_BUDGET`` jobs are delayed, all count as scheduled); running = ``active``; dead =
+``DELAYED_SPLIT_BUDGET`` delayed jobs of the whole target are read per poll, queue by queue; a queue
+whose delayed jobs no longer fit counts them all as scheduled); running = ``active``; dead =
 ``failed`` (it holds only final failures; retained jobs only, so with ``count_terminal_states``). Oldest
 pending age from the next job's ``timestamp`` (ms), or the oldest due time in ``delayed`` (score / 4096 ms);
 a promoted delayed job keeps its creation time, so its age is overstated. Oldest running age from
@@ -49,7 +51,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "bull"
 ACTIVE_BUDGET = 10_000
-# delayed jobs whose attempt count is read to tell retries from scheduled jobs
+# delayed jobs (of the whole target, per poll) whose attempt count is read to tell retries from
+# scheduled jobs
 DELAYED_SPLIT_BUDGET = 1_000
 # queue discovery (opt-in): SCAN calls per discovery, and how often one runs
 SCAN_COUNT = 1_000
@@ -157,13 +160,17 @@ class BullMQPreset:
         }
 
         second = client.pipeline(transaction=False)
+        budget = DELAYED_SPLIT_BUDGET
+        splits: dict[str, bool] = {}
         for q in queues:
             delayed, head, active_ids, has_events = rows[q][4], rows[q][6], rows[q][8], rows[q][9]
             second.zcount(key(q, "delayed"), 0, due)
             second.zrangebyscore(key(q, "delayed"), 0, due, start=0, num=1, withscores=True)
-            second.zrangebyscore(
-                key(q, "delayed"), due + 1, "+inf", start=0, num=DELAYED_SPLIT_BUDGET
-            )
+            # the ids of the delayed jobs, only while every one of them fits in the budget
+            splits[q] = 0 < delayed <= budget
+            if splits[q]:
+                budget -= delayed
+                second.zrangebyscore(key(q, "delayed"), due + 1, "+inf", start=0, num=delayed)
             if head is not None:
                 second.hget(key(q, _text(head)), "timestamp")
             for job_id in active_ids:
@@ -198,7 +205,7 @@ class BullMQPreset:
             ) = rows[q]
             due_count = next(answers)
             oldest_due = next(answers)
-            not_due_ids = next(answers)
+            not_due_ids = next(answers) if splits[q] else None
             oldest = None
             if head is not None:
                 created = next(answers)
@@ -223,7 +230,7 @@ class BullMQPreset:
                     client, key(q, "events"), q, info, events, memory, lost
                 )
             not_due = delayed - due_count
-            if not_due <= DELAYED_SPLIT_BUDGET:
+            if not_due_ids is not None:
                 split_pending.append((q, not_due_ids))
             live += self._waiting(q, wait + legacy_paused + prioritized + due_count, oldest)
             live.append(LiveRow(q, KIND, "scheduled", not_due, None, 0))  # split below
